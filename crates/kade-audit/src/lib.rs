@@ -1,0 +1,383 @@
+//! The audit log: an append-only, hash-chained record in the index database of every access
+//! to patient data (NEN 7513; event vocabulary after DICOM PS3.15 §A.5).
+//!
+//! # Layout
+//! - [`AuditEvent`], [`EventKind`], [`Outcome`]: what is recorded.
+//! - [`append`]: adds an entry inside a caller's transaction (the ingest path records the
+//!   stored instance in the same commit as its index row).
+//! - [`Audit`]: a handle that records an entry in a transaction of its own.
+//! - [`verify`]: walks the chain and reports the first entry that does not match.
+//!
+//! # Chain
+//! Entry *n* stores `hash = SHA-256(JSON [prev_hash, seq, at, event, outcome, actor, address,
+//! patient_id, study_uid, sop_uid, detail])` with `prev_hash` the hash of entry *n−1*. The
+//! single-row `audit_head` table holds the last sequence number and hash; appending updates it
+//! first, which serialises appends across every node sharing the database, and lets
+//! [`verify`] detect entries removed from the end.
+//!
+//! Entries identify patients by Patient ID only. Names never enter the audit log or the
+//! process logs.
+
+use kade_index::{Index, IndexError};
+use sha2::{Digest, Sha256};
+use sqlx::{AnyConnection, Row};
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A DIMSE association was accepted (PS3.15 A.5.3.1 Application Activity / Security Alert).
+    AssociationAccepted,
+    /// A DIMSE association was rejected (Security Alert, 110113).
+    AssociationRejected,
+    /// An instance was stored (DICOM Instances Transferred, 110104, as destination).
+    InstanceStored,
+    /// An instance arrived again with identical content; nothing changed.
+    InstanceDuplicate,
+    /// An instance was refused (invalid, or a conflicting duplicate under the policy).
+    InstanceRejected,
+    /// An instance replaced a different one with the same SOP Instance UID.
+    InstanceReplaced,
+    /// An administrative action (peer added or removed, repair by fsck).
+    Admin,
+}
+
+impl EventKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::AssociationAccepted => "association-accepted",
+            EventKind::AssociationRejected => "association-rejected",
+            EventKind::InstanceStored => "instance-stored",
+            EventKind::InstanceDuplicate => "instance-duplicate",
+            EventKind::InstanceRejected => "instance-rejected",
+            EventKind::InstanceReplaced => "instance-replaced",
+            EventKind::Admin => "admin",
+        }
+    }
+}
+
+/// Event Outcome Indicator (PS3.15 A.5.3, EventOutcomeIndicator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// 0: success.
+    Success,
+    /// 4: minor failure (the request was refused, nothing was harmed).
+    MinorFailure,
+    /// 8: serious failure.
+    SeriousFailure,
+}
+
+impl Outcome {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::MinorFailure => "minor-failure",
+            Outcome::SeriousFailure => "serious-failure",
+        }
+    }
+}
+
+/// One audit entry, before it is chained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Who: `ae:CALLING_AE`, `user:NAME` or `admin:cli`.
+    pub actor: String,
+    /// From where (IP address).
+    pub actor_address: Option<String>,
+    /// Patient ID of the data touched.
+    pub patient_id: Option<String>,
+    /// Study Instance UID of the data touched.
+    pub study_uid: Option<String>,
+    /// SOP Instance UID of the data touched.
+    pub sop_uid: Option<String>,
+    /// Free text (reason for a refusal, called AE title…); never a patient name.
+    pub detail: Option<String>,
+}
+
+impl AuditEvent {
+    /// A new event with no patient data attached.
+    pub fn new(kind: EventKind, outcome: Outcome, actor: impl Into<String>) -> Self {
+        AuditEvent {
+            kind,
+            outcome,
+            actor: actor.into(),
+            actor_address: None,
+            patient_id: None,
+            study_uid: None,
+            sop_uid: None,
+            detail: None,
+        }
+    }
+
+    /// Sets the address.
+    pub fn address(mut self, a: impl Into<String>) -> Self {
+        self.actor_address = Some(a.into());
+        self
+    }
+
+    /// Sets the detail text.
+    pub fn detail(mut self, d: impl Into<String>) -> Self {
+        self.detail = Some(d.into());
+        self
+    }
+}
+
+/// Appends `ev` to the chain inside the caller's transaction; returns its sequence number.
+///
+/// # Errors
+/// Database errors; the caller must then roll back.
+pub async fn append(conn: &mut AnyConnection, ev: &AuditEvent) -> Result<i64, IndexError> {
+    let head = sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
+        .fetch_one(&mut *conn)
+        .await?;
+    let (seq, prev): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+    let at = kade_index::now();
+    let hash = chain_hash(&prev, seq, &at, ev);
+    sqlx::query(
+        "INSERT INTO audit_log (seq, at, event, outcome, actor, actor_address, patient_id, \
+         study_uid, sop_uid, detail, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(seq)
+    .bind(&at)
+    .bind(ev.kind.as_str())
+    .bind(ev.outcome.as_str())
+    .bind(&ev.actor)
+    .bind(ev.actor_address.as_deref())
+    .bind(ev.patient_id.as_deref())
+    .bind(ev.study_uid.as_deref())
+    .bind(ev.sop_uid.as_deref())
+    .bind(ev.detail.as_deref())
+    .bind(&prev)
+    .bind(&hash)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1").bind(&hash).execute(&mut *conn).await?;
+    Ok(seq)
+}
+
+fn chain_hash(prev: &str, seq: i64, at: &str, ev: &AuditEvent) -> String {
+    entry_hash(&Entry {
+        seq,
+        at: at.to_owned(),
+        event: ev.kind.as_str().to_owned(),
+        outcome: ev.outcome.as_str().to_owned(),
+        actor: ev.actor.clone(),
+        actor_address: ev.actor_address.clone(),
+        patient_id: ev.patient_id.clone(),
+        study_uid: ev.study_uid.clone(),
+        sop_uid: ev.sop_uid.clone(),
+        detail: ev.detail.clone(),
+        prev_hash: prev.to_owned(),
+        hash: String::new(),
+    })
+}
+
+/// A stored audit entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    /// Sequence number, from 1.
+    pub seq: i64,
+    /// When (RFC 3339 UTC).
+    pub at: String,
+    /// Event name.
+    pub event: String,
+    /// Outcome name.
+    pub outcome: String,
+    /// Who.
+    pub actor: String,
+    /// From where.
+    pub actor_address: Option<String>,
+    /// Patient ID.
+    pub patient_id: Option<String>,
+    /// Study Instance UID.
+    pub study_uid: Option<String>,
+    /// SOP Instance UID.
+    pub sop_uid: Option<String>,
+    /// Detail.
+    pub detail: Option<String>,
+    /// Hash of the previous entry.
+    pub prev_hash: String,
+    /// This entry's hash.
+    pub hash: String,
+}
+
+fn entry_hash(e: &Entry) -> String {
+    let canonical = serde_json::json!([
+        e.prev_hash, e.seq, e.at, e.event, e.outcome, e.actor, e.actor_address, e.patient_id,
+        e.study_uid, e.sop_uid, e.detail
+    ]);
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
+/// A handle that records events in transactions of their own.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    index: Index,
+}
+
+impl Audit {
+    /// Records into `index`'s database.
+    pub fn new(index: Index) -> Self {
+        Audit { index }
+    }
+
+    /// Appends and commits one event.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn record(&self, ev: &AuditEvent) -> Result<i64, IndexError> {
+        let mut tx = self.index.begin_write().await?;
+        let seq = append(&mut tx, ev).await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// The most recent `limit` entries, newest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn tail(&self, limit: i64) -> Result<Vec<Entry>, IndexError> {
+        let rows = sqlx::query(&format!("{SELECT_ENTRIES} ORDER BY seq DESC LIMIT $1"))
+            .bind(limit)
+            .fetch_all(self.index.read_pool())
+            .await?;
+        rows.iter().map(row_to_entry).collect()
+    }
+}
+
+const SELECT_ENTRIES: &str = "SELECT seq, at, event, outcome, actor, actor_address, patient_id, \
+     study_uid, sop_uid, detail, prev_hash, hash FROM audit_log";
+
+fn row_to_entry(r: &sqlx::any::AnyRow) -> Result<Entry, IndexError> {
+    Ok(Entry {
+        seq: r.try_get(0)?,
+        at: r.try_get(1)?,
+        event: r.try_get(2)?,
+        outcome: r.try_get(3)?,
+        actor: r.try_get(4)?,
+        actor_address: r.try_get(5)?,
+        patient_id: r.try_get(6)?,
+        study_uid: r.try_get(7)?,
+        sop_uid: r.try_get(8)?,
+        detail: r.try_get(9)?,
+        prev_hash: r.try_get(10)?,
+        hash: r.try_get(11)?,
+    })
+}
+
+/// The result of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    /// Entries checked.
+    pub entries: i64,
+    /// The first problem found, if any: sequence number and what is wrong.
+    pub broken: Option<(i64, String)>,
+}
+
+/// Recomputes the whole chain. `progress` is called with the number of entries checked so far.
+///
+/// # Errors
+/// Database errors (a broken chain is reported in the [`VerifyReport`], not as an error).
+pub async fn verify(index: &Index, mut progress: impl FnMut(i64)) -> Result<VerifyReport, IndexError> {
+    const PAGE: i64 = 5000;
+    let mut prev = "0".repeat(64);
+    let mut expected_seq = 1;
+    loop {
+        let rows = sqlx::query(&format!("{SELECT_ENTRIES} WHERE seq >= $1 ORDER BY seq LIMIT $2"))
+            .bind(expected_seq)
+            .bind(PAGE)
+            .fetch_all(index.read_pool())
+            .await?;
+        let n = rows.len() as i64;
+        for r in &rows {
+            let e = row_to_entry(r)?;
+            let bad = if e.seq != expected_seq {
+                Some(format!("entry {expected_seq} is missing"))
+            } else if e.prev_hash != prev {
+                Some("previous-hash link does not match the entry before it".to_owned())
+            } else if entry_hash(&e) != e.hash {
+                Some("content does not match its hash (entry was altered)".to_owned())
+            } else {
+                None
+            };
+            if let Some(why) = bad {
+                return Ok(VerifyReport { entries: expected_seq - 1, broken: Some((expected_seq, why)) });
+            }
+            prev = e.hash;
+            expected_seq += 1;
+        }
+        progress(expected_seq - 1);
+        if n < PAGE {
+            break;
+        }
+    }
+    let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+        .fetch_one(index.read_pool())
+        .await?;
+    let (head_seq, head_hash): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
+    let entries = expected_seq - 1;
+    if head_seq != entries || head_hash != prev {
+        return Ok(VerifyReport {
+            entries,
+            broken: Some((entries + 1, format!("chain head says {head_seq} entries: entries were removed from the end"))),
+        });
+    }
+    Ok(VerifyReport { entries, broken: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn index() -> (tempfile::TempDir, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open_sqlite(&dir.path().join("index.db")).await.unwrap();
+        (dir, idx)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn chain_verifies_and_detects_tampering() {
+        let (_d, idx) = index().await;
+        let audit = Audit::new(idx.clone());
+        for i in 0..5 {
+            let ev = AuditEvent::new(EventKind::AssociationAccepted, Outcome::Success, "ae:CT1")
+                .address("127.0.0.1")
+                .detail(format!("n={i}"));
+            assert_eq!(audit.record(&ev).await.unwrap(), i + 1);
+        }
+        let r = verify(&idx, |_| {}).await.unwrap();
+        assert_eq!(r, VerifyReport { entries: 5, broken: None });
+
+        let mut tx = idx.begin_write().await.unwrap();
+        sqlx::query("UPDATE audit_log SET actor = 'ae:EVIL' WHERE seq = 3")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let r = verify(&idx, |_| {}).await.unwrap();
+        assert_eq!(r.entries, 2);
+        assert_eq!(r.broken.unwrap().0, 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn truncation_is_detected() {
+        let (_d, idx) = index().await;
+        let audit = Audit::new(idx.clone());
+        for _ in 0..3 {
+            audit.record(&AuditEvent::new(EventKind::Admin, Outcome::Success, "admin:cli")).await.unwrap();
+        }
+        let mut tx = idx.begin_write().await.unwrap();
+        sqlx::query("DELETE FROM audit_log WHERE seq = 3").execute(&mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+        let r = verify(&idx, |_| {}).await.unwrap();
+        assert!(r.broken.unwrap().1.contains("removed"));
+    }
+}

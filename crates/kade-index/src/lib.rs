@@ -1,0 +1,187 @@
+//! The metadata index: patients, studies, series and instances, on SQLite (the embedded
+//! default, WAL) or PostgreSQL (for scale-out), through one code path (`sqlx::Any`).
+//!
+//! # Layout
+//! - [`Index`] (this module): opening, migrations, the write/read connection split.
+//! - [`write`]: inserting and removing instances inside a caller's transaction, so that the
+//!   ingest path can add its audit entry to the same commit.
+//! - [`read`]: statistics, lookups and the blob inventory used by `kade verify` and `kade fsck`.
+//! - [`peers`]: the DIMSE peer table behind `kade peer add/list/remove`.
+//!
+//! # Backends
+//! Both backends run the same SQL (`$1` placeholders, `ON CONFLICT`, `RETURNING`); only the
+//! migrations differ in their column types (`migrations/sqlite`, `migrations/postgres`).
+//! SQLite allows one writer at a time, so the index keeps a one-connection write pool and a
+//! separate read pool; PostgreSQL uses one pool for both.
+
+pub mod peers;
+pub mod read;
+pub mod write;
+
+use std::{borrow::Cow, path::Path, str::FromStr, time::Duration};
+
+use sqlx::{
+    Any, AnyConnection, AnyPool, Executor, Transaction,
+    any::AnyPoolOptions,
+    migrate::{Migration, MigrationType, Migrator},
+};
+
+/// Errors from the index.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// The database reported an error.
+    #[error("index database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Applying the schema migrations failed.
+    #[error("index schema migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database URL names no supported backend.
+    #[error("unsupported index URL {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+}
+
+/// Which database the index runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite, a file in the data directory.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// A transaction on the index's write connection.
+pub type WriteTx = Transaction<'static, Any>;
+
+/// A handle on the index; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Index {
+    write: AnyPool,
+    read: AnyPool,
+    backend: Backend,
+}
+
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "archive", include_str!("../../../migrations/sqlite/0001_archive.sql"))];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "archive", include_str!("../../../migrations/postgres/0001_archive.sql"))];
+
+impl Index {
+    /// Opens the index in the SQLite file at `path`, creating and migrating it if needed.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or migrated.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, IndexError> {
+        Self::open(&format!("sqlite://{}?mode=rwc", path.display())).await
+    }
+
+    /// Opens the index at `url` (`sqlite://…` or `postgres://…`) and applies migrations.
+    ///
+    /// # Errors
+    /// When the database cannot be reached or migrated.
+    pub async fn open(url: &str) -> Result<Self, IndexError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(IndexError::UnsupportedUrl(url.to_owned()));
+        };
+        let index = match backend {
+            Backend::Sqlite => {
+                let write = sqlite_pool(1).connect(url).await?;
+                let read = sqlite_pool(4).connect(url).await?;
+                Index { write, read, backend }
+            }
+            Backend::Postgres => {
+                let pool = AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect(url)
+                    .await?;
+                Index { write: pool.clone(), read: pool, backend }
+            }
+        };
+        index.migrate().await?;
+        Ok(index)
+    }
+
+    async fn migrate(&self) -> Result<(), IndexError> {
+        let list = match self.backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS,
+            Backend::Postgres => POSTGRES_MIGRATIONS,
+        };
+        let migrations: Vec<Migration> = list
+            .iter()
+            .map(|(v, d, sql)| {
+                Migration::new(*v, Cow::Borrowed(d), MigrationType::Simple, Cow::Borrowed(sql), false)
+            })
+            .collect();
+        let migrator = Migrator {
+            migrations: Cow::Owned(migrations),
+            ignore_missing: false,
+            locking: true,
+            no_tx: false,
+        };
+        migrator.run(&self.write).await?;
+        Ok(())
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Starts a transaction on the write connection.
+    ///
+    /// # Errors
+    /// When no connection can be had.
+    pub async fn begin_write(&self) -> Result<WriteTx, IndexError> {
+        Ok(self.write.begin().await?)
+    }
+
+    /// The pool for read-only queries.
+    pub fn read_pool(&self) -> &AnyPool {
+        &self.read
+    }
+
+    /// Closes every connection (checkpointing SQLite's WAL).
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+}
+
+fn sqlite_pool(max: u32) -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(60))
+        .after_connect(|conn: &mut AnyConnection, _meta| {
+            Box::pin(async move {
+                // FULL: a commit is on disk before it returns, which an acknowledged C-STORE needs.
+                conn.execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                     PRAGMA busy_timeout = 30000; PRAGMA foreign_keys = ON; \
+                     PRAGMA case_sensitive_like = ON;",
+                )
+                .await?;
+                Ok(())
+            })
+        })
+}
+
+/// The current time as stored in the index: RFC 3339 UTC with microseconds.
+pub fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+impl FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sqlite" => Ok(Backend::Sqlite),
+            "postgres" | "postgresql" => Ok(Backend::Postgres),
+            _ => Err(format!("unknown index backend {s:?}: use sqlite or postgres")),
+        }
+    }
+}

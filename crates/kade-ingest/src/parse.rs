@@ -1,0 +1,55 @@
+//! Parsing and validating a spooled Part 10 file.
+
+use std::path::Path;
+
+use dicom_dictionary_std::tags;
+use dicom_object::{OpenFileOptions, open_file};
+use kade_core::{InstanceAttributes, json};
+
+use crate::IngestError;
+
+/// Instances up to this size are parsed completely, which proves that every element,
+/// pixel data included, is well-formed and complete. Larger ones are parsed up to Pixel Data
+/// only, so that memory stays bounded.
+pub const FULL_PARSE_LIMIT: u64 = 32 * 1024 * 1024;
+
+/// What ingest needs from a parsed instance.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The indexed attributes.
+    pub attrs: InstanceAttributes,
+    /// Transfer syntax from the File Meta group.
+    pub transfer_syntax: String,
+    /// DICOM JSON without bulk data.
+    pub metadata_json: String,
+}
+
+/// Parses the file at `path` (of `size` bytes).
+///
+/// # Errors
+/// [`IngestError::Invalid`] when the file is not well-formed DICOM or lacks a required UID.
+pub fn parse(path: &Path, size: u64) -> Result<Parsed, IngestError> {
+    let invalid = |e: &dyn std::fmt::Display| IngestError::Invalid(e.to_string());
+    let (file, pixel_vr) = if size <= FULL_PARSE_LIMIT {
+        let mut file = open_file(path).map_err(|e| invalid(&e))?;
+        let vr = file.take(tags::PIXEL_DATA).map(|e| e.vr().to_string().to_owned());
+        file.remove_element(tags::FLOAT_PIXEL_DATA);
+        file.remove_element(tags::DOUBLE_FLOAT_PIXEL_DATA);
+        (file, vr)
+    } else {
+        let file = OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(path)
+            .map_err(|e| invalid(&e))?;
+        let vr = file.get(tags::ROWS).map(|_| {
+            let bits = file.get(tags::BITS_ALLOCATED).and_then(|e| e.to_int::<u16>().ok());
+            if bits.unwrap_or(8) > 8 { "OW" } else { "OB" }.to_owned()
+        });
+        (file, vr)
+    };
+    let transfer_syntax = file.meta().transfer_syntax().trim_end_matches('\0').to_owned();
+    let obj = file.into_inner();
+    let attrs = InstanceAttributes::from_dataset(&obj).map_err(|e| invalid(&e))?;
+    let metadata_json = json::metadata_json(&obj, pixel_vr.as_deref()).map_err(|e| invalid(&e))?;
+    Ok(Parsed { attrs, transfer_syntax, metadata_json })
+}

@@ -1,0 +1,47 @@
+//! Object keys. Every key is built from validated [`Uid`]s and a hex digest, so no key can
+//! contain anything but `[0-9a-f./]` in a fixed shape: network input never becomes a path.
+
+use kade_core::Uid;
+
+/// The key of a blob in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BlobKey(String);
+
+impl BlobKey {
+    /// The key of a stored instance:
+    /// `dicom/{study}/{series}/{sop}.{first 16 hex digits of the blob's SHA-256}.dcm`.
+    ///
+    /// The digest suffix keeps two different objects that claim the same SOP Instance UID
+    /// from ever overwriting each other's blob; the index decides which one is current.
+    ///
+    /// # Panics
+    /// If `sha256_hex` is shorter than 16 characters or not lowercase hex (a programming error).
+    pub fn instance(study: &Uid, series: &Uid, sop: &Uid, sha256_hex: &str) -> Self {
+        let digest = &sha256_hex[..16];
+        assert!(digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        BlobKey(format!("dicom/{study}/{series}/{sop}.{digest}.dcm"))
+    }
+
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for BlobKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_key_shape() {
+        let u = |s: &str| Uid::new(s).unwrap();
+        let k = BlobKey::instance(&u("1.2"), &u("1.2.3"), &u("1.2.3.4"), &"ab".repeat(32));
+        assert_eq!(k.as_str(), "dicom/1.2/1.2.3/1.2.3.4.abababababababab.dcm");
+    }
+}

@@ -1,0 +1,256 @@
+//! Blob storage for Kade: the instances exactly as received, in a local directory (the
+//! embedded default) or an S3-compatible bucket.
+//!
+//! # Layout
+//! - [`key`]: [`BlobKey`], object keys built from validated UIDs only.
+//! - [`spool`]: [`Spool`], where incoming bytes are staged (and hashed) before they are stored.
+//! - [`BlobStore`] (this module): put a spooled file durably, read, list, delete.
+//!
+//! # Durability
+//! [`BlobStore::put_spooled`] returns only once the blob would survive a power cut: on the
+//! local backend the spooled file is fsynced, renamed into place and every directory whose
+//! entries changed is fsynced; on S3 the PUT (or multipart completion) has been acknowledged.
+
+pub mod key;
+pub mod spool;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt};
+use object_store::{ObjectStore, PutPayload, WriteMultipart, aws::AmazonS3Builder, path::Path as ObjPath};
+
+pub use key::BlobKey;
+pub use spool::{Spool, SpooledFile};
+
+/// Errors from blob storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A local file operation failed (includes a full disk: `ENOSPC`).
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating-system error.
+        source: std::io::Error,
+    },
+    /// The object store (S3 or local) reported an error.
+    #[error("object store: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    /// The blob does not exist.
+    #[error("blob {0} not found")]
+    NotFound(String),
+    /// The store configuration is unusable.
+    #[error("invalid blob store configuration: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        StoreError::Io { op, path: path.to_owned(), source }
+    }
+}
+
+/// Connection settings for an S3-compatible bucket.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct S3Options {
+    /// Endpoint URL, e.g. `http://127.0.0.1:3900`. Path-style requests are used.
+    pub endpoint: String,
+    /// Bucket name.
+    pub bucket: String,
+    /// Region name the server expects (`us-east-1` if the server does not care).
+    pub region: String,
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+}
+
+/// A handle on the blob store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    store: Arc<dyn ObjectStore>,
+    /// Set for the local backend: blobs are files under this directory.
+    local_root: Option<PathBuf>,
+    spool_dir: PathBuf,
+    description: String,
+}
+
+/// Size of the parts of a multipart upload, and the threshold above which one is used.
+const PART_SIZE: usize = 8 * 1024 * 1024;
+
+impl BlobStore {
+    /// Opens (creating it if needed) a local blob store rooted at `root`, spooling in
+    /// `spool_dir`, which must be on the same filesystem so that storing is a rename.
+    ///
+    /// # Errors
+    /// When the directories cannot be created.
+    pub fn local(root: &Path, spool_dir: &Path) -> Result<Self, StoreError> {
+        for d in [root, spool_dir] {
+            std::fs::create_dir_all(d).map_err(|e| StoreError::io("create directory", d, e))?;
+        }
+        let root = root.canonicalize().map_err(|e| StoreError::io("resolve", root, e))?;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(&root)?;
+        Ok(BlobStore {
+            store: Arc::new(store),
+            description: format!("local directory {}", root.display()),
+            local_root: Some(root),
+            spool_dir: spool_dir.to_owned(),
+        })
+    }
+
+    /// Connects to an S3-compatible bucket; incoming data is spooled in `spool_dir` first.
+    ///
+    /// # Errors
+    /// When the options are rejected by the S3 client or the spool directory cannot be made.
+    pub fn s3(opts: &S3Options, spool_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(spool_dir)
+            .map_err(|e| StoreError::io("create directory", spool_dir, e))?;
+        let store = AmazonS3Builder::new()
+            .with_endpoint(&opts.endpoint)
+            .with_bucket_name(&opts.bucket)
+            .with_region(&opts.region)
+            .with_access_key_id(&opts.access_key_id)
+            .with_secret_access_key(&opts.secret_access_key)
+            .with_allow_http(opts.endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false)
+            .build()?;
+        Ok(BlobStore {
+            store: Arc::new(store),
+            local_root: None,
+            spool_dir: spool_dir.to_owned(),
+            description: format!("S3 bucket {} at {}", opts.bucket, opts.endpoint),
+        })
+    }
+
+    /// A human-readable description of the backend, for logs and `kade stats`.
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    /// Starts a new spool file for incoming data.
+    ///
+    /// # Errors
+    /// When the file cannot be created (for example, the disk is full).
+    pub async fn spool(&self) -> Result<Spool, StoreError> {
+        Spool::create(&self.spool_dir).await
+    }
+
+    /// Removes spool files left behind by a crash. Call once at start-up, before accepting work.
+    ///
+    /// # Errors
+    /// When the spool directory cannot be read.
+    pub fn clean_spool(&self) -> Result<usize, StoreError> {
+        spool::clean_dir(&self.spool_dir)
+    }
+
+    /// Stores a finished spool file under `key`, durably, and consumes it.
+    ///
+    /// # Errors
+    /// When the file cannot be moved or uploaded; the blob is then absent and the spool removed.
+    pub async fn put_spooled(&self, key: &BlobKey, file: SpooledFile) -> Result<(), StoreError> {
+        match &self.local_root {
+            Some(root) => {
+                let dest = root.join(key.as_str());
+                let root = root.clone();
+                tokio::task::spawn_blocking(move || spool::persist_local(file, &root, &dest))
+                    .await
+                    .expect("persist task panicked")
+            }
+            None => self.upload(key, file).await,
+        }
+    }
+
+    async fn upload(&self, key: &BlobKey, file: SpooledFile) -> Result<(), StoreError> {
+        let path = ObjPath::from(key.as_str());
+        let mut f = tokio::fs::File::open(file.path())
+            .await
+            .map_err(|e| StoreError::io("open", file.path(), e))?;
+        if file.len() <= PART_SIZE as u64 {
+            let mut buf = Vec::with_capacity(file.len() as usize);
+            tokio::io::AsyncReadExt::read_to_end(&mut f, &mut buf)
+                .await
+                .map_err(|e| StoreError::io("read", file.path(), e))?;
+            self.store.put(&path, PutPayload::from(buf)).await?;
+            return Ok(());
+        }
+        let upload = self.store.put_multipart(&path).await?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut buf = vec![0u8; 1024 * 1024];
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut f, &mut buf)
+                .await
+                .map_err(|e| StoreError::io("read", file.path(), e))?;
+            if n == 0 {
+                break;
+            }
+            w.wait_for_capacity(2).await?;
+            w.write(&buf[..n]);
+        }
+        w.finish().await?;
+        Ok(())
+    }
+
+    /// Reads a whole blob into memory. Use [`BlobStore::get_stream`] for large blobs.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when absent, or the backend's error.
+    pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let r = self.store.get(&ObjPath::from(key)).await.map_err(|e| not_found(key, e))?;
+        Ok(r.bytes().await?)
+    }
+
+    /// Streams a blob in chunks.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when absent, or the backend's error.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
+        let r = self.store.get(&ObjPath::from(key)).await.map_err(|e| not_found(key, e))?;
+        Ok(r.into_stream().map(|c| c.map_err(StoreError::from)).boxed())
+    }
+
+    /// The size of a blob, or `None` when it does not exist.
+    ///
+    /// # Errors
+    /// The backend's error other than "not found".
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self.store.head(&ObjPath::from(key)).await {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes a blob; deleting an absent blob succeeds.
+    ///
+    /// # Errors
+    /// The backend's error.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.store.delete(&ObjPath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Lists every blob under `prefix` (e.g. `dicom/`) with its size.
+    pub fn list(&self, prefix: &str) -> BoxStream<'static, Result<(String, u64), StoreError>> {
+        let p = ObjPath::from(prefix.trim_end_matches('/'));
+        self.store
+            .list(Some(&p))
+            .map(|m| m.map(|m| (m.location.to_string(), m.size)).map_err(StoreError::from))
+            .boxed()
+    }
+}
+
+fn not_found(key: &str, e: object_store::Error) -> StoreError {
+    match e {
+        object_store::Error::NotFound { .. } => StoreError::NotFound(key.to_owned()),
+        e => StoreError::ObjectStore(e),
+    }
+}
