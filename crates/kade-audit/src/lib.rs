@@ -159,7 +159,10 @@ pub async fn append(conn: &mut AnyConnection, ev: &AuditEvent) -> Result<i64, In
     .bind(&hash)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1").bind(&hash).execute(&mut *conn).await?;
+    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
+        .bind(&hash)
+        .execute(&mut *conn)
+        .await?;
     Ok(seq)
 }
 
@@ -211,8 +214,17 @@ pub struct Entry {
 
 fn entry_hash(e: &Entry) -> String {
     let canonical = serde_json::json!([
-        e.prev_hash, e.seq, e.at, e.event, e.outcome, e.actor, e.actor_address, e.patient_id,
-        e.study_uid, e.sop_uid, e.detail
+        e.prev_hash,
+        e.seq,
+        e.at,
+        e.event,
+        e.outcome,
+        e.actor,
+        e.actor_address,
+        e.patient_id,
+        e.study_uid,
+        e.sop_uid,
+        e.detail
     ]);
     hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
@@ -286,16 +298,21 @@ pub struct VerifyReport {
 ///
 /// # Errors
 /// Database errors (a broken chain is reported in the [`VerifyReport`], not as an error).
-pub async fn verify(index: &Index, mut progress: impl FnMut(i64)) -> Result<VerifyReport, IndexError> {
+pub async fn verify(
+    index: &Index,
+    mut progress: impl FnMut(i64),
+) -> Result<VerifyReport, IndexError> {
     const PAGE: i64 = 5000;
     let mut prev = "0".repeat(64);
     let mut expected_seq = 1;
     loop {
-        let rows = sqlx::query(&format!("{SELECT_ENTRIES} WHERE seq >= $1 ORDER BY seq LIMIT $2"))
-            .bind(expected_seq)
-            .bind(PAGE)
-            .fetch_all(index.read_pool())
-            .await?;
+        let rows = sqlx::query(&format!(
+            "{SELECT_ENTRIES} WHERE seq >= $1 ORDER BY seq LIMIT $2"
+        ))
+        .bind(expected_seq)
+        .bind(PAGE)
+        .fetch_all(index.read_pool())
+        .await?;
         let n = rows.len() as i64;
         for r in &rows {
             let e = row_to_entry(r)?;
@@ -309,7 +326,10 @@ pub async fn verify(index: &Index, mut progress: impl FnMut(i64)) -> Result<Veri
                 None
             };
             if let Some(why) = bad {
-                return Ok(VerifyReport { entries: expected_seq - 1, broken: Some((expected_seq, why)) });
+                return Ok(VerifyReport {
+                    entries: expected_seq - 1,
+                    broken: Some((expected_seq, why)),
+                });
             }
             prev = e.hash;
             expected_seq += 1;
@@ -327,10 +347,16 @@ pub async fn verify(index: &Index, mut progress: impl FnMut(i64)) -> Result<Veri
     if head_seq != entries || head_hash != prev {
         return Ok(VerifyReport {
             entries,
-            broken: Some((entries + 1, format!("chain head says {head_seq} entries: entries were removed from the end"))),
+            broken: Some((
+                entries + 1,
+                format!("chain head says {head_seq} entries: entries were removed from the end"),
+            )),
         });
     }
-    Ok(VerifyReport { entries, broken: None })
+    Ok(VerifyReport {
+        entries,
+        broken: None,
+    })
 }
 
 #[cfg(test)]
@@ -339,7 +365,9 @@ mod tests {
 
     async fn index() -> (tempfile::TempDir, Index) {
         let dir = tempfile::tempdir().unwrap();
-        let idx = Index::open_sqlite(&dir.path().join("index.db")).await.unwrap();
+        let idx = Index::open_sqlite(&dir.path().join("index.db"))
+            .await
+            .unwrap();
         (dir, idx)
     }
 
@@ -354,7 +382,13 @@ mod tests {
             assert_eq!(audit.record(&ev).await.unwrap(), i + 1);
         }
         let r = verify(&idx, |_| {}).await.unwrap();
-        assert_eq!(r, VerifyReport { entries: 5, broken: None });
+        assert_eq!(
+            r,
+            VerifyReport {
+                entries: 5,
+                broken: None
+            }
+        );
 
         let mut tx = idx.begin_write().await.unwrap();
         sqlx::query("UPDATE audit_log SET actor = 'ae:EVIL' WHERE seq = 3")
@@ -372,10 +406,20 @@ mod tests {
         let (_d, idx) = index().await;
         let audit = Audit::new(idx.clone());
         for _ in 0..3 {
-            audit.record(&AuditEvent::new(EventKind::Admin, Outcome::Success, "admin:cli")).await.unwrap();
+            audit
+                .record(&AuditEvent::new(
+                    EventKind::Admin,
+                    Outcome::Success,
+                    "admin:cli",
+                ))
+                .await
+                .unwrap();
         }
         let mut tx = idx.begin_write().await.unwrap();
-        sqlx::query("DELETE FROM audit_log WHERE seq = 3").execute(&mut *tx).await.unwrap();
+        sqlx::query("DELETE FROM audit_log WHERE seq = 3")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         let r = verify(&idx, |_| {}).await.unwrap();
         assert!(r.broken.unwrap().1.contains("removed"));

@@ -18,7 +18,9 @@ pub enum AeTitleError {
     #[error("AE title {0:?} is longer than 16 characters")]
     TooLong(String),
     /// A backslash, a control character or a non-ASCII character.
-    #[error("AE title {0:?} contains a character that is not allowed (backslash, control or non-ASCII)")]
+    #[error(
+        "AE title {0:?} contains a character that is not allowed (backslash, control or non-ASCII)"
+    )]
     BadChar(String),
 }
 
@@ -35,7 +37,9 @@ impl AeTitle {
         if t.chars().count() > 16 {
             return Err(AeTitleError::TooLong(t.to_owned()));
         }
-        if t.chars().any(|c| c == '\\' || c.is_control() || !c.is_ascii()) {
+        if t.chars()
+            .any(|c| c == '\\' || c.is_control() || !c.is_ascii())
+        {
             return Err(AeTitleError::BadChar(t.to_owned()));
         }
         Ok(AeTitle(t.to_owned()))
@@ -49,7 +53,7 @@ impl AeTitle {
 
 impl fmt::Display for AeTitle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -82,7 +86,13 @@ mod tests {
         assert_eq!(AeTitle::new(" KADE  ").unwrap().as_str(), "KADE");
         assert_eq!(AeTitle::new("STORESCU\0").unwrap().as_str(), "STORESCU");
         assert_eq!(AeTitle::new("   "), Err(AeTitleError::Empty));
-        assert!(matches!(AeTitle::new("ABCDEFGHIJKLMNOPQ"), Err(AeTitleError::TooLong(_))));
-        assert!(matches!(AeTitle::new("A\\B"), Err(AeTitleError::BadChar(_))));
+        assert!(matches!(
+            AeTitle::new("ABCDEFGHIJKLMNOPQ"),
+            Err(AeTitleError::TooLong(_))
+        ));
+        assert!(matches!(
+            AeTitle::new("A\\B"),
+            Err(AeTitleError::BadChar(_))
+        ));
     }
 }

@@ -197,7 +197,9 @@ impl<'a> Reader<'a> {
 
 /// Removes DICOM padding (trailing spaces and NULs, leading spaces).
 fn clean(s: &str) -> String {
-    s.trim_end_matches(['\0', ' ']).trim_start_matches(' ').to_owned()
+    s.trim_end_matches(['\0', ' '])
+        .trim_start_matches(' ')
+        .to_owned()
 }
 
 /// The form of a name under which case-insensitive matching is done: Unicode upper case.
@@ -219,7 +221,12 @@ mod tests {
 
     fn minimal() -> InMemDicomObject {
         let mut o = InMemDicomObject::new_empty();
-        put(&mut o, tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.2\0");
+        put(
+            &mut o,
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            "1.2.840.10008.5.1.4.1.1.2\0",
+        );
         put(&mut o, tags::SOP_INSTANCE_UID, VR::UI, "1.2.3.4.5");
         put(&mut o, tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3");
         put(&mut o, tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.4");
@@ -251,7 +258,10 @@ mod tests {
         put(&mut o, tags::STUDY_INSTANCE_UID, VR::UI, "1.2/../x");
         assert!(matches!(
             InstanceAttributes::from_dataset(&o),
-            Err(AttrError::BadUid { name: "StudyInstanceUID", .. })
+            Err(AttrError::BadUid {
+                name: "StudyInstanceUID",
+                ..
+            })
         ));
     }
 

@@ -26,7 +26,10 @@ mod tests {
     #[test]
     fn decodes_latin1_and_utf8() {
         assert_eq!(decode_text(b"M\xfcller", Some("ISO_IR 100")), "Müller");
-        assert_eq!(decode_text("Müller".as_bytes(), Some("ISO_IR 192")), "Müller");
+        assert_eq!(
+            decode_text("Müller".as_bytes(), Some("ISO_IR 192")),
+            "Müller"
+        );
         assert_eq!(decode_text(b"Smith", None), "Smith");
     }
 }

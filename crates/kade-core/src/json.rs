@@ -61,7 +61,11 @@ mod tests {
     #[test]
     fn large_binaries_become_references() {
         let mut o = InMemDicomObject::new_empty();
-        o.put(DataElement::new(tags::PATIENT_ID, VR::LO, PrimitiveValue::from("P1")));
+        o.put(DataElement::new(
+            tags::PATIENT_ID,
+            VR::LO,
+            PrimitiveValue::from("P1"),
+        ));
         o.put(DataElement::new(
             tags::ENCAPSULATED_DOCUMENT,
             VR::OB,

@@ -7,7 +7,9 @@ use ipnet::IpNet;
 use crate::AeTitle;
 
 /// A DIMSE service a peer may be allowed to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Permission {
     /// C-ECHO (verification).
@@ -54,7 +56,9 @@ impl FromStr for Permission {
         Permission::ALL
             .into_iter()
             .find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| format!("unknown permission {s:?}: use echo, store, find, move, get or commit"))
+            .ok_or_else(|| {
+                format!("unknown permission {s:?}: use echo, store, find, move, get or commit")
+            })
     }
 }
 
@@ -69,8 +73,11 @@ impl fmt::Display for Permission {
 /// # Errors
 /// Names the first unknown permission.
 pub fn parse_permissions(s: &str) -> Result<Vec<Permission>, String> {
-    let mut v: Vec<Permission> =
-        s.split(',').filter(|p| !p.trim().is_empty()).map(str::parse).collect::<Result<_, _>>()?;
+    let mut v: Vec<Permission> = s
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
     v.sort();
     v.dedup();
     Ok(v)
@@ -124,9 +131,9 @@ pub fn parse_host(s: &str) -> Result<IpNet, String> {
     if s == "localhost" {
         return Ok(IpNet::from(IpAddr::from([127, 0, 0, 1])));
     }
-    s.parse::<IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("{s:?} is not an IP address or CIDR network (e.g. 10.0.0.5 or 10.0.0.0/24)"))
+    s.parse::<IpAddr>().map(IpNet::from).map_err(|_| {
+        format!("{s:?} is not an IP address or CIDR network (e.g. 10.0.0.5 or 10.0.0.0/24)")
+    })
 }
 
 mod host_serde {
@@ -152,7 +159,11 @@ mod tests {
         let p = parse_permissions("store, echo,store").unwrap();
         assert_eq!(p, vec![Permission::Echo, Permission::Store]);
         assert_eq!(format_permissions(&p), "echo,store");
-        assert!(parse_permissions("echo,delete").unwrap_err().contains("delete"));
+        assert!(
+            parse_permissions("echo,delete")
+                .unwrap_err()
+                .contains("delete")
+        );
     }
 
     #[test]

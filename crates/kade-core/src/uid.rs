@@ -58,7 +58,7 @@ impl Uid {
 
 impl fmt::Display for Uid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -94,7 +94,10 @@ mod tests {
 
     #[test]
     fn accepts_valid_and_padded_uids() {
-        assert_eq!(Uid::new("1.2.840.10008.1.1").unwrap().as_str(), "1.2.840.10008.1.1");
+        assert_eq!(
+            Uid::new("1.2.840.10008.1.1").unwrap().as_str(),
+            "1.2.840.10008.1.1"
+        );
         assert_eq!(Uid::new("1.2.3\0").unwrap().as_str(), "1.2.3");
         assert_eq!(Uid::new("1.2.3 ").unwrap().as_str(), "1.2.3");
         assert!(Uid::new(&format!("1.{}", "2".repeat(62))).is_ok());

@@ -60,10 +60,16 @@ pub struct Index {
     backend: Backend,
 }
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "archive", include_str!("../../../migrations/sqlite/0001_archive.sql"))];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "archive", include_str!("../../../migrations/postgres/0001_archive.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "archive",
+    include_str!("../../../migrations/sqlite/0001_archive.sql"),
+)];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "archive",
+    include_str!("../../../migrations/postgres/0001_archive.sql"),
+)];
 
 impl Index {
     /// Opens the index in the SQLite file at `path`, creating and migrating it if needed.
@@ -91,7 +97,11 @@ impl Index {
             Backend::Sqlite => {
                 let write = sqlite_pool(1).connect(url).await?;
                 let read = sqlite_pool(4).connect(url).await?;
-                Index { write, read, backend }
+                Index {
+                    write,
+                    read,
+                    backend,
+                }
             }
             Backend::Postgres => {
                 let pool = AnyPoolOptions::new()
@@ -99,7 +109,11 @@ impl Index {
                     .acquire_timeout(Duration::from_secs(30))
                     .connect(url)
                     .await?;
-                Index { write: pool.clone(), read: pool, backend }
+                Index {
+                    write: pool.clone(),
+                    read: pool,
+                    backend,
+                }
             }
         };
         index.migrate().await?;
@@ -114,7 +128,13 @@ impl Index {
         let migrations: Vec<Migration> = list
             .iter()
             .map(|(v, d, sql)| {
-                Migration::new(*v, Cow::Borrowed(d), MigrationType::Simple, Cow::Borrowed(sql), false)
+                Migration::new(
+                    *v,
+                    Cow::Borrowed(d),
+                    MigrationType::Simple,
+                    Cow::Borrowed(sql),
+                    false,
+                )
             })
             .collect();
         let migrator = Migrator {
@@ -172,7 +192,9 @@ fn sqlite_pool(max: u32) -> AnyPoolOptions {
 
 /// The current time as stored in the index: RFC 3339 UTC with microseconds.
 pub fn now() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
 }
 
 impl FromStr for Backend {
@@ -181,7 +203,9 @@ impl FromStr for Backend {
         match s {
             "sqlite" => Ok(Backend::Sqlite),
             "postgres" | "postgresql" => Ok(Backend::Postgres),
-            _ => Err(format!("unknown index backend {s:?}: use sqlite or postgres")),
+            _ => Err(format!(
+                "unknown index backend {s:?}: use sqlite or postgres"
+            )),
         }
     }
 }

@@ -43,9 +43,10 @@ impl Index {
     /// # Errors
     /// Database errors.
     pub async fn peers(&self) -> Result<Vec<Peer>, IndexError> {
-        let rows = sqlx::query("SELECT ae_title, host, port, permissions FROM peers ORDER BY ae_title")
-            .fetch_all(self.read_pool())
-            .await?;
+        let rows =
+            sqlx::query("SELECT ae_title, host, port, permissions FROM peers ORDER BY ae_title")
+                .fetch_all(self.read_pool())
+                .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let (ae, host, port, perms): (String, String, Option<i64>, String) =
@@ -60,7 +61,9 @@ impl Index {
             })();
             match parsed {
                 Ok(p) => out.push(p),
-                Err(e) => tracing::warn!(ae_title = %ae, error = %e, "skipping unreadable peer row"),
+                Err(e) => {
+                    tracing::warn!(ae_title = %ae, error = %e, "skipping unreadable peer row")
+                }
             }
         }
         Ok(out)

@@ -163,7 +163,9 @@ impl Index {
         .bind(study_uid)
         .fetch_all(self.read_pool())
         .await?;
-        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 
     /// A page of blob references with row id greater than `after`, in id order.

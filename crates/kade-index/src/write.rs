@@ -100,7 +100,9 @@ pub async fn insert_instance(
     let Some(id) = id else {
         // Inserted concurrently by another node since the check above.
         let existing = find_instance(tx, a.sop_instance_uid.as_str()).await?;
-        return Ok(InsertOutcome::Exists(existing.expect("conflicting row exists")));
+        return Ok(InsertOutcome::Exists(
+            existing.expect("conflicting row exists"),
+        ));
     };
     sqlx::query("INSERT INTO instance_metadata (instance_fk, json) VALUES ($1, $2)")
         .bind(id)
@@ -147,9 +149,16 @@ pub async fn delete_instance(tx: &mut AnyConnection, id: i64) -> Result<(), Inde
     .bind(id)
     .fetch_one(&mut *tx)
     .await?;
-    let (series, size, study): (i64, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
-    sqlx::query("DELETE FROM instance_metadata WHERE instance_fk = $1").bind(id).execute(&mut *tx).await?;
-    sqlx::query("DELETE FROM instances WHERE id = $1").bind(id).execute(&mut *tx).await?;
+    let (series, size, study): (i64, i64, i64) =
+        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    sqlx::query("DELETE FROM instance_metadata WHERE instance_fk = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM instances WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     let now = crate::now();
     sqlx::query(
         "UPDATE series SET num_instances = num_instances - 1, size_bytes = size_bytes - $1, \
@@ -171,7 +180,9 @@ pub async fn delete_instance(tx: &mut AnyConnection, id: i64) -> Result<(), Inde
             .bind(study)
             .fetch_all(&mut *tx)
             .await?;
-    let modalities = mods.iter().fold(String::new(), |acc, m| add_modality(&acc, m.as_deref()));
+    let modalities = mods
+        .iter()
+        .fold(String::new(), |acc, m| add_modality(&acc, m.as_deref()));
     sqlx::query(
         "UPDATE studies SET num_instances = num_instances - 1, size_bytes = size_bytes - $1, \
          num_series = num_series - $2, modalities = $3, updated_at = $4 WHERE id = $5",
@@ -236,11 +247,13 @@ async fn upsert_patient(
     if let Some(id) = inserted {
         return Ok(id);
     }
-    Ok(sqlx::query_scalar("SELECT id FROM patients WHERE patient_id = $1 AND issuer = $2")
-        .bind(&p.patient_id)
-        .bind(issuer)
-        .fetch_one(&mut *tx)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT id FROM patients WHERE patient_id = $1 AND issuer = $2")
+            .bind(&p.patient_id)
+            .bind(issuer)
+            .fetch_one(&mut *tx)
+            .await?,
+    )
 }
 
 async fn upsert_study(

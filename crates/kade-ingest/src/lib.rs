@@ -19,7 +19,10 @@ pub mod parse;
 
 use kade_audit::{AuditEvent, EventKind, Outcome};
 use kade_core::{InstanceAttributes, Uid};
-use kade_index::{Index, IndexError, write::{self, InsertOutcome, NewInstance}};
+use kade_index::{
+    Index, IndexError,
+    write::{self, InsertOutcome, NewInstance},
+};
 use kade_store::{BlobKey, BlobStore, StoreError};
 
 pub use incoming::{Expected, Incoming};
@@ -107,7 +110,11 @@ pub struct Ingest {
 impl Ingest {
     /// A pipeline storing into `store` and indexing into `index`.
     pub fn new(store: BlobStore, index: Index, policy: DuplicatePolicy) -> Self {
-        Ingest { store, index, policy }
+        Ingest {
+            store,
+            index,
+            policy,
+        }
     }
 
     /// The blob store.
@@ -147,7 +154,8 @@ impl Ingest {
             }
         };
         if let Err(e) = expected.check(&parsed.attrs) {
-            self.refuse(source, Some(&parsed.attrs), &e.to_string()).await;
+            self.refuse(source, Some(&parsed.attrs), &e.to_string())
+                .await;
             return Err(e);
         }
         let a = &parsed.attrs;
@@ -158,12 +166,24 @@ impl Ingest {
             size,
         };
         let sha256 = spooled.sha256_hex();
-        let dataset_sha256 = spooled.section_sha256_hex().unwrap_or_else(|| sha256.clone());
-        let key = BlobKey::instance(&a.study.study_uid, &a.series.series_uid, &a.sop_instance_uid, &sha256);
+        let dataset_sha256 = spooled
+            .section_sha256_hex()
+            .unwrap_or_else(|| sha256.clone());
+        let key = BlobKey::instance(
+            &a.study.study_uid,
+            &a.series.series_uid,
+            &a.sop_instance_uid,
+            &sha256,
+        );
 
         // A resend is answered from the index alone.
         let existing = {
-            let mut conn = self.index.read_pool().acquire().await.map_err(IndexError::from)?;
+            let mut conn = self
+                .index
+                .read_pool()
+                .acquire()
+                .await
+                .map_err(IndexError::from)?;
             write::find_instance(&mut conn, a.sop_instance_uid.as_str()).await?
         };
         let replacing = match existing {
@@ -192,8 +212,15 @@ impl Ingest {
             source_address: source.address.as_deref(),
             metadata_json: &parsed.metadata_json,
         };
-        let kind = if replacing.is_some() { EventKind::InstanceReplaced } else { EventKind::InstanceStored };
-        match self.commit(&rec, replacing.as_ref().map(|e| e.id), source, kind).await {
+        let kind = if replacing.is_some() {
+            EventKind::InstanceReplaced
+        } else {
+            EventKind::InstanceStored
+        };
+        match self
+            .commit(&rec, replacing.as_ref().map(|e| e.id), source, kind)
+            .await
+        {
             Ok(InsertOutcome::Inserted { .. }) => {}
             Ok(InsertOutcome::Exists(e)) => {
                 // Lost a race with a concurrent store of the same SOP Instance UID.
@@ -238,7 +265,11 @@ impl Ingest {
             tx.rollback().await.map_err(IndexError::from)?;
             return Ok(outcome);
         }
-        kade_audit::append(&mut tx, &event(kind, Outcome::Success, source, Some(rec.attrs))).await?;
+        kade_audit::append(
+            &mut tx,
+            &event(kind, Outcome::Success, source, Some(rec.attrs)),
+        )
+        .await?;
         tx.commit().await.map_err(IndexError::from)?;
         Ok(outcome)
     }
@@ -256,14 +287,33 @@ impl Ingest {
             "different object with an existing SOP Instance UID; refused (policy reject)"
         };
         tracing::warn!(sop = %a.sop_instance_uid, actor = %source.actor, policy = ?self.policy, "SOP Instance UID conflict");
-        let ev = event(EventKind::InstanceRejected, Outcome::MinorFailure, source, Some(a)).detail(detail);
+        let ev = event(
+            EventKind::InstanceRejected,
+            Outcome::MinorFailure,
+            source,
+            Some(a),
+        )
+        .detail(detail);
         self.audit(ev).await;
-        if keep { Ok(Stored::KeptExisting(summary)) } else { Err(IngestError::Conflict(summary.sop_instance_uid)) }
+        if keep {
+            Ok(Stored::KeptExisting(summary))
+        } else {
+            Err(IngestError::Conflict(summary.sop_instance_uid))
+        }
     }
 
     async fn refuse(&self, source: &Source, a: Option<&InstanceAttributes>, why: &str) {
         tracing::warn!(actor = %source.actor, reason = %why, "instance refused");
-        self.audit(event(EventKind::InstanceRejected, Outcome::MinorFailure, source, a).detail(why)).await;
+        self.audit(
+            event(
+                EventKind::InstanceRejected,
+                Outcome::MinorFailure,
+                source,
+                a,
+            )
+            .detail(why),
+        )
+        .await;
     }
 
     async fn audit(&self, ev: AuditEvent) {
@@ -279,7 +329,12 @@ impl Ingest {
     }
 }
 
-fn event(kind: EventKind, outcome: Outcome, source: &Source, a: Option<&InstanceAttributes>) -> AuditEvent {
+fn event(
+    kind: EventKind,
+    outcome: Outcome,
+    source: &Source,
+    a: Option<&InstanceAttributes>,
+) -> AuditEvent {
     let mut ev = AuditEvent::new(kind, outcome, source.actor.clone());
     ev.actor_address = source.address.clone();
     if let Some(a) = a {

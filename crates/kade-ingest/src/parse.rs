@@ -32,7 +32,9 @@ pub fn parse(path: &Path, size: u64) -> Result<Parsed, IngestError> {
     let invalid = |e: &dyn std::fmt::Display| IngestError::Invalid(e.to_string());
     let (file, pixel_vr) = if size <= FULL_PARSE_LIMIT {
         let mut file = open_file(path).map_err(|e| invalid(&e))?;
-        let vr = file.take(tags::PIXEL_DATA).map(|e| e.vr().to_string().to_owned());
+        let vr = file
+            .take(tags::PIXEL_DATA)
+            .map(|e| e.vr().to_string().to_owned());
         file.remove_element(tags::FLOAT_PIXEL_DATA);
         file.remove_element(tags::DOUBLE_FLOAT_PIXEL_DATA);
         (file, vr)
@@ -42,14 +44,24 @@ pub fn parse(path: &Path, size: u64) -> Result<Parsed, IngestError> {
             .open_file(path)
             .map_err(|e| invalid(&e))?;
         let vr = file.get(tags::ROWS).map(|_| {
-            let bits = file.get(tags::BITS_ALLOCATED).and_then(|e| e.to_int::<u16>().ok());
+            let bits = file
+                .get(tags::BITS_ALLOCATED)
+                .and_then(|e| e.to_int::<u16>().ok());
             if bits.unwrap_or(8) > 8 { "OW" } else { "OB" }.to_owned()
         });
         (file, vr)
     };
-    let transfer_syntax = file.meta().transfer_syntax().trim_end_matches('\0').to_owned();
+    let transfer_syntax = file
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches('\0')
+        .to_owned();
     let obj = file.into_inner();
     let attrs = InstanceAttributes::from_dataset(&obj).map_err(|e| invalid(&e))?;
     let metadata_json = json::metadata_json(&obj, pixel_vr.as_deref()).map_err(|e| invalid(&e))?;
-    Ok(Parsed { attrs, transfer_syntax, metadata_json })
+    Ok(Parsed {
+        attrs,
+        transfer_syntax,
+        metadata_json,
+    })
 }

@@ -18,7 +18,11 @@ impl BlobKey {
     /// If `sha256_hex` is shorter than 16 characters or not lowercase hex (a programming error).
     pub fn instance(study: &Uid, series: &Uid, sop: &Uid, sha256_hex: &str) -> Self {
         let digest = &sha256_hex[..16];
-        assert!(digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        assert!(
+            digest
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        );
         BlobKey(format!("dicom/{study}/{series}/{sop}.{digest}.dcm"))
     }
 

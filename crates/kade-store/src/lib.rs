@@ -19,7 +19,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
-use object_store::{ObjectStore, PutPayload, WriteMultipart, aws::AmazonS3Builder, path::Path as ObjPath};
+use object_store::{
+    ObjectStore, PutPayload, WriteMultipart, aws::AmazonS3Builder, path::Path as ObjPath,
+};
 
 pub use key::BlobKey;
 pub use spool::{Spool, SpooledFile};
@@ -50,7 +52,11 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
-        StoreError::Io { op, path: path.to_owned(), source }
+        StoreError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -67,6 +73,17 @@ pub struct S3Options {
     pub access_key_id: String,
     /// Secret access key.
     pub secret_access_key: String,
+}
+
+/// A listed blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// Its key.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written.
+    pub modified: chrono::DateTime<chrono::Utc>,
 }
 
 /// A handle on the blob store; cheap to clone.
@@ -92,7 +109,9 @@ impl BlobStore {
         for d in [root, spool_dir] {
             std::fs::create_dir_all(d).map_err(|e| StoreError::io("create directory", d, e))?;
         }
-        let root = root.canonicalize().map_err(|e| StoreError::io("resolve", root, e))?;
+        let root = root
+            .canonicalize()
+            .map_err(|e| StoreError::io("resolve", root, e))?;
         let store = object_store::local::LocalFileSystem::new_with_prefix(&root)?;
         Ok(BlobStore {
             store: Arc::new(store),
@@ -199,7 +218,11 @@ impl BlobStore {
     /// # Errors
     /// [`StoreError::NotFound`] when absent, or the backend's error.
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        let r = self.store.get(&ObjPath::from(key)).await.map_err(|e| not_found(key, e))?;
+        let r = self
+            .store
+            .get(&ObjPath::from(key))
+            .await
+            .map_err(|e| not_found(key, e))?;
         Ok(r.bytes().await?)
     }
 
@@ -211,7 +234,11 @@ impl BlobStore {
         &self,
         key: &str,
     ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
-        let r = self.store.get(&ObjPath::from(key)).await.map_err(|e| not_found(key, e))?;
+        let r = self
+            .store
+            .get(&ObjPath::from(key))
+            .await
+            .map_err(|e| not_found(key, e))?;
         Ok(r.into_stream().map(|c| c.map_err(StoreError::from)).boxed())
     }
 
@@ -238,12 +265,19 @@ impl BlobStore {
         }
     }
 
-    /// Lists every blob under `prefix` (e.g. `dicom/`) with its size.
-    pub fn list(&self, prefix: &str) -> BoxStream<'static, Result<(String, u64), StoreError>> {
+    /// Lists every blob under `prefix` (e.g. `dicom/`).
+    pub fn list(&self, prefix: &str) -> BoxStream<'static, Result<BlobInfo, StoreError>> {
         let p = ObjPath::from(prefix.trim_end_matches('/'));
         self.store
             .list(Some(&p))
-            .map(|m| m.map(|m| (m.location.to_string(), m.size)).map_err(StoreError::from))
+            .map(|m| {
+                m.map(|m| BlobInfo {
+                    key: m.location.to_string(),
+                    size: m.size,
+                    modified: m.last_modified,
+                })
+                .map_err(StoreError::from)
+            })
             .boxed()
     }
 }

@@ -31,7 +31,11 @@ pub struct SpooledFile {
 
 impl Spool {
     pub(crate) async fn create(dir: &Path) -> Result<Self, StoreError> {
-        let name = format!("in-{:016x}{:016x}.part", rand::random::<u64>(), rand::random::<u64>());
+        let name = format!(
+            "in-{:016x}{:016x}.part",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
         let path = dir.join(name);
         let file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -41,7 +45,13 @@ impl Spool {
             .map_err(|e| StoreError::io("create", &path, e))?;
         Ok(Spool {
             file: BufWriter::with_capacity(256 * 1024, file),
-            guard: SpooledFile { path, len: 0, sha256: [0; 32], section_sha256: None, keep: false },
+            guard: SpooledFile {
+                path,
+                len: 0,
+                sha256: [0; 32],
+                section_sha256: None,
+                keep: false,
+            },
             whole: Sha256::new(),
             section: None,
         })
@@ -62,7 +72,10 @@ impl Spool {
             s.update(buf);
         }
         self.guard.len += buf.len() as u64;
-        self.file.write_all(buf).await.map_err(|e| StoreError::io("write", &self.guard.path, e))
+        self.file
+            .write_all(buf)
+            .await
+            .map_err(|e| StoreError::io("write", &self.guard.path, e))
     }
 
     /// Bytes written so far.
@@ -81,11 +94,24 @@ impl Spool {
     /// When flushing or syncing fails.
     pub async fn finish(mut self) -> Result<SpooledFile, StoreError> {
         let path = self.guard.path.clone();
-        self.file.flush().await.map_err(|e| StoreError::io("write", &path, e))?;
-        self.file.get_mut().sync_all().await.map_err(|e| StoreError::io("fsync", &path, e))?;
+        self.file
+            .flush()
+            .await
+            .map_err(|e| StoreError::io("write", &path, e))?;
+        self.file
+            .get_mut()
+            .sync_all()
+            .await
+            .map_err(|e| StoreError::io("fsync", &path, e))?;
         let mut done = std::mem::replace(
             &mut self.guard,
-            SpooledFile { path: PathBuf::new(), len: 0, sha256: [0; 32], section_sha256: None, keep: true },
+            SpooledFile {
+                path: PathBuf::new(),
+                len: 0,
+                sha256: [0; 32],
+                section_sha256: None,
+                keep: true,
+            },
         );
         done.sha256 = self.whole.finalize_reset().into();
         done.section_sha256 = self.section.take().map(|s| s.finalize().into());
@@ -129,7 +155,11 @@ impl Drop for SpooledFile {
 }
 
 /// Moves a synced spool file to `dest` under `root` and fsyncs every directory that changed.
-pub(crate) fn persist_local(mut file: SpooledFile, root: &Path, dest: &Path) -> Result<(), StoreError> {
+pub(crate) fn persist_local(
+    mut file: SpooledFile,
+    root: &Path,
+    dest: &Path,
+) -> Result<(), StoreError> {
     let dir = dest.parent().expect("blob keys have a directory");
     let created = create_dirs(root, dir)?;
     std::fs::rename(&file.path, dest).map_err(|e| StoreError::io("rename into", dest, e))?;

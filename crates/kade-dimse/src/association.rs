@@ -1,0 +1,384 @@
+//! One association, from A-ASSOCIATE-RQ to A-RELEASE or A-ABORT (PS3.8 §9.2).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use dicom_ul::pdu::{AbortRQServiceProviderReason as AbortReason, AbortRQSource, Pdu};
+use kade_audit::{Audit, AuditEvent, EventKind, Outcome};
+use kade_ingest::{Ingest, Source};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tracing::Instrument;
+
+use crate::c_store::StoreInProgress;
+use crate::command::{Command, CommandSet, Response};
+use crate::negotiation::{self, Negotiated};
+use crate::pdu::{self, Pdv, Received};
+use crate::status::Status;
+use crate::{PeerDirectory, ServerOptions, c_echo, policy};
+
+/// Largest command set accepted (commands are a few hundred bytes).
+const MAX_COMMAND: usize = 64 * 1024;
+
+/// What an association needs from the node.
+#[derive(Debug)]
+pub struct Context {
+    /// Listener settings.
+    pub opts: ServerOptions,
+    /// The write path.
+    pub ingest: Ingest,
+    /// Known peers.
+    pub peers: PeerDirectory,
+    /// Audit log.
+    pub audit: Audit,
+}
+
+/// Why an association ended abnormally (for the log).
+#[derive(Debug, thiserror::Error)]
+enum End {
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("timed out waiting for the peer")]
+    Timeout,
+    #[error("{0}")]
+    Pdu(#[from] pdu::PduError),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+enum State {
+    Idle,
+    Command {
+        pc_id: u8,
+        buf: Vec<u8>,
+    },
+    Storing {
+        pc_id: u8,
+        store: Box<StoreInProgress>,
+    },
+    Discarding {
+        pc_id: u8,
+        response: Response,
+    },
+}
+
+/// Serves one TCP connection until the association ends.
+pub async fn serve<S>(
+    stream: S,
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let mut conn = Conn {
+        rd: BufReader::with_capacity(64 * 1024, rd),
+        wr,
+        ctx,
+        addr,
+        peer_max_pdu: 0,
+    };
+    let Some((neg, source)) = conn.establish().await else {
+        return;
+    };
+    conn.peer_max_pdu = neg.peer_max_pdu;
+    let span = tracing::info_span!("association", peer = %source.actor, addr = %addr.ip());
+    let outcome = conn
+        .run(&neg, &source, shutdown)
+        .instrument(span.clone())
+        .await;
+    let _g = span.enter();
+    match outcome {
+        Ok(()) => tracing::debug!("association released"),
+        Err(End::Closed) => tracing::info!("peer closed the connection without release"),
+        Err(e) => {
+            tracing::warn!(reason = %e, "association aborted");
+            let reason = match e {
+                End::Pdu(_) | End::Protocol(_) => AbortReason::InvalidPduParameter,
+                _ => AbortReason::ReasonNotSpecified,
+            };
+            let _ = conn
+                .send(&pdu::encode(&Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceProvider(reason),
+                }))
+                .await;
+        }
+    }
+    let _ = conn.wr.shutdown().await;
+}
+
+struct Conn<R, W> {
+    rd: BufReader<R>,
+    wr: W,
+    ctx: Arc<Context>,
+    addr: SocketAddr,
+    peer_max_pdu: u32,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
+    async fn read(&mut self, limit: Duration) -> Result<Received, End> {
+        match timeout(limit, pdu::read(&mut self.rd, self.ctx.opts.max_pdu)).await {
+            Err(_) => Err(End::Timeout),
+            Ok(Ok(Some(r))) => Ok(r),
+            Ok(Ok(None)) => Err(End::Closed),
+            Ok(Err(e)) => Err(e.into()),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), End> {
+        match timeout(self.ctx.opts.write_timeout, self.wr.write_all(bytes)).await {
+            Err(_) => Err(End::Timeout),
+            Ok(r) => Ok(r?),
+        }
+    }
+
+    async fn respond(&mut self, pc_id: u8, r: &Response) -> Result<(), End> {
+        let wire = pdu::encode_pdata(pc_id, true, &r.encode(), self.peer_max_pdu);
+        self.send(&wire).await
+    }
+
+    /// Reads and answers the A-ASSOCIATE-RQ; `None` when the association was not established.
+    async fn establish(&mut self) -> Option<(Negotiated, Source)> {
+        let ctx = self.ctx.clone();
+        let opts = &ctx.opts;
+        let rq = match self.read(opts.establish_timeout).await {
+            Ok(Received::Control(Pdu::AssociationRQ(rq))) => rq,
+            Ok(_) => {
+                tracing::warn!(addr = %self.addr, "first PDU is not an A-ASSOCIATE-RQ; aborting");
+                let abort = Pdu::AbortRQ {
+                    source: AbortRQSource::ServiceProvider(AbortReason::UnexpectedPdu),
+                };
+                let _ = self.send(&pdu::encode(&abort)).await;
+                return None;
+            }
+            Err(e) => {
+                tracing::info!(addr = %self.addr, reason = %e, "no association request");
+                return None;
+            }
+        };
+        let calling = rq.calling_ae_title.trim().to_owned();
+        let address = self.addr.ip().to_string();
+        let actor = format!("ae:{calling}");
+        match policy::check(&rq, &opts.ae_title, self.addr.ip(), &self.ctx.peers).await {
+            Err(refusal) => {
+                tracing::warn!(calling_ae = %calling, addr = %address, reason = %refusal.describe(), "association rejected");
+                let ev =
+                    AuditEvent::new(EventKind::AssociationRejected, Outcome::MinorFailure, actor)
+                        .address(address)
+                        .detail(refusal.describe());
+                self.audit(ev).await;
+                let _ = self
+                    .send(&pdu::encode(&Pdu::AssociationRJ(refusal.to_rj())))
+                    .await;
+                None
+            }
+            Ok(peer) => {
+                let neg = negotiation::negotiate(&rq, &peer, opts.max_pdu);
+                let ev = AuditEvent::new(
+                    EventKind::AssociationAccepted,
+                    Outcome::Success,
+                    actor.clone(),
+                )
+                .address(address.clone())
+                .detail(format!(
+                    "called {}; {} context(s) accepted",
+                    rq.called_ae_title.trim(),
+                    neg.contexts.len()
+                ));
+                self.audit(ev).await;
+                tracing::info!(calling_ae = %calling, addr = %address, contexts = neg.contexts.len(), "association accepted");
+                self.send(&pdu::encode(&Pdu::AssociationAC(neg.ac.clone())))
+                    .await
+                    .ok()?;
+                let source = Source {
+                    actor,
+                    ae_title: Some(calling),
+                    address: Some(address),
+                };
+                Some((neg, source))
+            }
+        }
+    }
+
+    async fn audit(&self, ev: AuditEvent) {
+        if let Err(e) = self.ctx.audit.record(&ev).await {
+            tracing::error!(error = %e, "could not write audit entry");
+        }
+    }
+
+    async fn run(
+        &mut self,
+        neg: &Negotiated,
+        source: &Source,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), End> {
+        let mut state = State::Idle;
+        loop {
+            let received = if matches!(state, State::Idle) {
+                tokio::select! {
+                    r = self.read(self.ctx.opts.read_timeout) => r?,
+                    _ = stopped(&mut shutdown) => {
+                        tracing::info!("shutting down: aborting idle association");
+                        let abort = Pdu::AbortRQ { source: AbortRQSource::ServiceUser };
+                        let _ = self.send(&pdu::encode(&abort)).await;
+                        return Ok(());
+                    }
+                }
+            } else {
+                self.read(self.ctx.opts.read_timeout).await?
+            };
+            match received {
+                Received::Data(pdvs) => {
+                    for pdv in pdvs {
+                        state = self.on_pdv(state, pdv, neg, source).await?;
+                    }
+                }
+                Received::Control(Pdu::ReleaseRQ) => {
+                    self.send(&pdu::encode(&Pdu::ReleaseRP)).await?;
+                    return Ok(());
+                }
+                Received::Control(Pdu::AbortRQ { .. }) => {
+                    tracing::info!("peer aborted the association");
+                    return Ok(());
+                }
+                Received::Control(other) => {
+                    return Err(End::Protocol(format!(
+                        "unexpected {}",
+                        other.short_description()
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn on_pdv(
+        &mut self,
+        state: State,
+        pdv: Pdv,
+        neg: &Negotiated,
+        source: &Source,
+    ) -> Result<State, End> {
+        match (state, pdv.is_command) {
+            (State::Idle, true) => {
+                self.on_command_fragment(pdv.pc_id, Vec::new(), pdv, neg)
+                    .await
+            }
+            (State::Command { pc_id, buf }, true) if pc_id == pdv.pc_id => {
+                self.on_command_fragment(pc_id, buf, pdv, neg).await
+            }
+            (State::Storing { pc_id, mut store }, false) if pc_id == pdv.pc_id => {
+                store.data(&pdv.data).await;
+                if !pdv.is_last {
+                    return Ok(State::Storing { pc_id, store });
+                }
+                let response = store.finish(&self.ctx.ingest, source).await;
+                self.respond(pc_id, &response).await?;
+                Ok(State::Idle)
+            }
+            (State::Discarding { pc_id, response }, false) if pc_id == pdv.pc_id => {
+                if !pdv.is_last {
+                    return Ok(State::Discarding { pc_id, response });
+                }
+                self.respond(pc_id, &response).await?;
+                Ok(State::Idle)
+            }
+            (_, is_command) => Err(End::Protocol(format!(
+                "unexpected {} fragment on presentation context {}",
+                if is_command { "command" } else { "data set" },
+                pdv.pc_id
+            ))),
+        }
+    }
+
+    async fn on_command_fragment(
+        &mut self,
+        pc_id: u8,
+        mut buf: Vec<u8>,
+        pdv: Pdv,
+        neg: &Negotiated,
+    ) -> Result<State, End> {
+        if buf.len() + pdv.data.len() > MAX_COMMAND {
+            return Err(End::Protocol("command set too large".into()));
+        }
+        buf.extend_from_slice(&pdv.data);
+        if !pdv.is_last {
+            return Ok(State::Command { pc_id, buf });
+        }
+        let cmd = CommandSet::decode(&buf)
+            .and_then(|cs| Command::parse(&cs))
+            .map_err(|e| End::Protocol(e.to_string()))?;
+        let Some(pc) = neg.contexts.get(&pc_id) else {
+            return Err(End::Protocol(format!(
+                "presentation context {pc_id} was not accepted"
+            )));
+        };
+        match cmd {
+            Command::Echo {
+                message_id,
+                sop_class,
+            } => {
+                self.respond(pc_id, &c_echo::respond(message_id, &sop_class))
+                    .await?;
+                Ok(State::Idle)
+            }
+            Command::Store {
+                message_id,
+                sop_class,
+                sop_instance,
+                ..
+            } => {
+                let store = StoreInProgress::begin(
+                    &self.ctx.ingest,
+                    message_id,
+                    sop_class,
+                    sop_instance,
+                    pc,
+                )
+                .await;
+                Ok(State::Storing {
+                    pc_id,
+                    store: Box::new(store),
+                })
+            }
+            Command::Unsupported {
+                command_field,
+                message_id,
+                sop_class,
+                has_data_set,
+            } => {
+                tracing::info!(
+                    command_field = format!("{command_field:04X}"),
+                    "unsupported DIMSE command"
+                );
+                let response = Response {
+                    command_field: command_field | 0x8000,
+                    message_id,
+                    sop_class,
+                    sop_instance: None,
+                    status: Status::UnrecognizedOperation,
+                    error_comment: Some("operation not supported by this node".into()),
+                };
+                if has_data_set {
+                    return Ok(State::Discarding { pc_id, response });
+                }
+                self.respond(pc_id, &response).await?;
+                Ok(State::Idle)
+            }
+        }
+    }
+}
+
+/// Completes once shutdown was signalled (never, if the sender is gone without signalling).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

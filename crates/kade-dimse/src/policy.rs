@@ -1,0 +1,121 @@
+//! Who may associate: PS3.8 §7.1.1 checks plus Kade's allow-list of peers.
+
+use std::net::IpAddr;
+
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason,
+    AssociationRJServiceUserReason, AssociationRJSource, AssociationRQ,
+};
+use kade_core::{AeTitle, Peer};
+use kade_index::Index;
+
+/// The known peers: those in the configuration file, then those added with `kade peer add`
+/// (read from the index at every association, so changes apply without a restart).
+#[derive(Debug, Clone)]
+pub struct PeerDirectory {
+    configured: Vec<Peer>,
+    index: Option<Index>,
+}
+
+impl PeerDirectory {
+    /// A directory of configured peers, plus the index's peer table if `index` is given.
+    pub fn new(configured: Vec<Peer>, index: Option<Index>) -> Self {
+        PeerDirectory { configured, index }
+    }
+
+    /// The peer with this AE title that may connect from `addr`.
+    pub async fn find(&self, ae: &AeTitle, addr: IpAddr) -> Option<Peer> {
+        let matches = |p: &Peer| &p.ae_title == ae && p.matches_address(addr);
+        if let Some(p) = self.configured.iter().find(|p| matches(p)) {
+            return Some(p.clone());
+        }
+        let index = self.index.as_ref()?;
+        match index.peers().await {
+            Ok(list) => list.into_iter().find(matches),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the peer table; treating the peer as unknown");
+                None
+            }
+        }
+    }
+}
+
+/// Why an association request is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The protocol version lacks bit 0.
+    ProtocolVersion,
+    /// The application context is not DICOM's.
+    ApplicationContext,
+    /// The called AE title is not Kade's.
+    CalledAe(String),
+    /// The calling AE title is unknown, or not allowed from this address.
+    CallingAe(String),
+}
+
+impl Refusal {
+    /// The A-ASSOCIATE-RJ for this refusal (all permanent).
+    pub fn to_rj(&self) -> AssociationRJ {
+        let source = match self {
+            Refusal::ProtocolVersion => AssociationRJSource::ServiceProviderASCE(
+                AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
+            ),
+            Refusal::ApplicationContext => AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::ApplicationContextNameNotSupported,
+            ),
+            Refusal::CalledAe(_) => AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+            ),
+            Refusal::CallingAe(_) => AssociationRJSource::ServiceUser(
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+            ),
+        };
+        AssociationRJ {
+            result: AssociationRJResult::Permanent,
+            source,
+        }
+    }
+
+    /// A sentence for the audit log.
+    pub fn describe(&self) -> String {
+        match self {
+            Refusal::ProtocolVersion => "protocol version not supported".into(),
+            Refusal::ApplicationContext => "application context not supported".into(),
+            Refusal::CalledAe(ae) => format!("called AE title {ae:?} is not this node's"),
+            Refusal::CallingAe(ae) => {
+                format!("calling AE title {ae:?} is not a known peer from this address")
+            }
+        }
+    }
+}
+
+/// Checks an A-ASSOCIATE-RQ; returns the peer it comes from.
+///
+/// # Errors
+/// The [`Refusal`] to answer with.
+pub async fn check(
+    rq: &AssociationRQ,
+    our_ae: &AeTitle,
+    addr: IpAddr,
+    peers: &PeerDirectory,
+) -> Result<Peer, Refusal> {
+    if rq.protocol_version & 1 == 0 {
+        return Err(Refusal::ProtocolVersion);
+    }
+    if rq.application_context_name.trim_end_matches('\0') != crate::negotiation::APPLICATION_CONTEXT
+    {
+        return Err(Refusal::ApplicationContext);
+    }
+    let called = rq.called_ae_title.trim();
+    if AeTitle::new(called).ok().as_ref() != Some(our_ae) {
+        return Err(Refusal::CalledAe(called.to_owned()));
+    }
+    let calling = rq.calling_ae_title.trim();
+    let Ok(calling_ae) = AeTitle::new(calling) else {
+        return Err(Refusal::CallingAe(calling.to_owned()));
+    };
+    peers
+        .find(&calling_ae, addr)
+        .await
+        .ok_or_else(|| Refusal::CallingAe(calling.to_owned()))
+}

@@ -1,0 +1,38 @@
+//! DIMSE status codes (PS3.7 Annex C, PS3.4 §B.2.3).
+
+/// A status Kade sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// 0000: success.
+    Success,
+    /// 0111: duplicate SOP instance (a different object already has this SOP Instance UID).
+    DuplicateSopInstance,
+    /// 0122: the SOP class is not supported on this presentation context.
+    SopClassNotSupported,
+    /// 0124: not authorised.
+    NotAuthorized,
+    /// 0211: unrecognised operation.
+    UnrecognizedOperation,
+    /// A700: refused, out of resources (storage or index failure).
+    OutOfResources,
+    /// A900: data set does not match SOP class (or the command).
+    DataSetDoesNotMatch,
+    /// C000: cannot understand.
+    CannotUnderstand,
+}
+
+impl Status {
+    /// The 16-bit code.
+    pub fn code(self) -> u16 {
+        match self {
+            Status::Success => 0x0000,
+            Status::DuplicateSopInstance => 0x0111,
+            Status::SopClassNotSupported => 0x0122,
+            Status::NotAuthorized => 0x0124,
+            Status::UnrecognizedOperation => 0x0211,
+            Status::OutOfResources => 0xA700,
+            Status::DataSetDoesNotMatch => 0xA900,
+            Status::CannotUnderstand => 0xC000,
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! Kade's configuration: one TOML file (see `kade.example.toml`), overlaid by `KADE_*`
+//! environment variables, with secrets also readable from `*_FILE` paths.
+//!
+//! Every key is documented on its field below and in `kade.example.toml`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use kade_core::{AeTitle, Peer};
+use kade_ingest::DuplicatePolicy;
+use kade_store::S3Options;
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where Kade keeps its index (SQLite), blobs (local backend), spool and keys.
+    /// Default `./kade-data`. Env `KADE_DATA_DIR`; the `--data-dir` option wins over both.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The DICOM (DIMSE) listener.
+    #[serde(default)]
+    pub dicom: DicomConfig,
+    /// The metadata index.
+    #[serde(default)]
+    pub index: IndexConfig,
+    /// Blob storage.
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// The ingest path.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// Process logs.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[dicom]`: the DIMSE listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomConfig {
+    /// Kade's AE title; associations must call it. Default `KADE`. Env `KADE_DICOM_AE_TITLE`.
+    #[serde(default = "default_ae_title")]
+    pub ae_title: AeTitle,
+    /// Address to listen on. Default `0.0.0.0` (peers are still checked by AE title and
+    /// address). Env `KADE_DICOM_BIND`.
+    #[serde(default = "default_bind")]
+    pub bind: String,
+    /// TCP port. Default 11112 (the registered DICOM port). Env `KADE_DICOM_PORT`.
+    #[serde(default = "default_dicom_port")]
+    pub port: u16,
+    /// Associations served at once; more are rejected as transient. Default 32.
+    #[serde(default = "default_max_associations")]
+    pub max_associations: usize,
+    /// Largest PDU accepted, in bytes (announced to peers). Default 262144.
+    #[serde(default = "default_max_pdu")]
+    pub max_pdu: u32,
+    /// Seconds from connect to a complete association request. Default 30.
+    #[serde(default = "default_establish_timeout")]
+    pub establish_timeout_secs: u64,
+    /// Seconds a peer may stay silent between or within PDUs. Default 60.
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout_secs: u64,
+    /// Peers allowed to connect, in addition to those added with `kade peer add`.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+/// `[index]`: the metadata database.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexConfig {
+    /// Database URL: empty for SQLite at `DATA_DIR/index.db` (default), or
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`. Env `KADE_INDEX_URL` (or `KADE_INDEX_URL_FILE`).
+    #[serde(default)]
+    pub url: String,
+}
+
+/// `[storage]`: where blobs go.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `local` (default: files under `DATA_DIR/blobs`) or `s3`. Env `KADE_STORAGE_BACKEND`.
+    #[serde(default)]
+    pub backend: StorageBackend,
+    /// `[storage.s3]`, required when `backend = "s3"`. Env `KADE_STORAGE_S3_ENDPOINT`,
+    /// `_BUCKET`, `_REGION`, `_ACCESS_KEY_ID`, `_SECRET_ACCESS_KEY` (or `_SECRET_ACCESS_KEY_FILE`).
+    pub s3: Option<S3Options>,
+}
+
+/// A blob storage backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// Files in the data directory.
+    #[default]
+    Local,
+    /// An S3-compatible bucket.
+    S3,
+}
+
+/// `[ingest]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// What to do with a different object arriving under an existing SOP Instance UID:
+    /// `reject` (default; failure status 0111), `keep-existing` (success, keep the stored
+    /// one) or `replace`. Every case is audited. Env `KADE_INGEST_DUPLICATE_POLICY`.
+    #[serde(default)]
+    pub duplicate_policy: DuplicatePolicy,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`. Env `KADE_LOG_FORMAT`.
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// A tracing filter such as `info` or `kade_dimse=debug,info`. Default `info`.
+    /// Env `KADE_LOG` (or `RUST_LOG`).
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./kade-data")
+}
+fn default_ae_title() -> AeTitle {
+    AeTitle::new("KADE").expect("valid")
+}
+fn default_bind() -> String {
+    "0.0.0.0".into()
+}
+fn default_dicom_port() -> u16 {
+    11112
+}
+fn default_max_associations() -> usize {
+    32
+}
+fn default_max_pdu() -> u32 {
+    256 * 1024
+}
+fn default_establish_timeout() -> u64 {
+    30
+}
+fn default_read_timeout() -> u64 {
+    60
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for DicomConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+impl Config {
+    /// Loads `file` (if given), then applies `KADE_*` environment overrides and `data_dir`.
+    ///
+    /// # Errors
+    /// When the file cannot be read or parsed, or an override is malformed.
+    pub fn load(file: Option<&Path>, data_dir: Option<&Path>) -> anyhow::Result<Config> {
+        let text = match file {
+            Some(f) => std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read config file {}", f.display()))?,
+            None => String::new(),
+        };
+        let mut cfg: Config = toml::from_str(&text).with_context(|| match file {
+            Some(f) => format!("invalid config file {}", f.display()),
+            None => "invalid default configuration".into(),
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        if let Some(d) = data_dir {
+            cfg.data_dir = d.to_owned();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        let secret = |k: &str| -> anyhow::Result<Option<String>> {
+            if let Some(v) = get(k) {
+                return Ok(Some(v));
+            }
+            match get(&format!("{k}_FILE")) {
+                Some(path) => read_secret_file(Path::new(&path)).map(Some),
+                None => Ok(None),
+            }
+        };
+        if let Some(v) = get("KADE_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = get("KADE_DICOM_AE_TITLE") {
+            self.dicom.ae_title = AeTitle::new(&v).context("KADE_DICOM_AE_TITLE")?;
+        }
+        if let Some(v) = get("KADE_DICOM_BIND") {
+            self.dicom.bind = v;
+        }
+        if let Some(v) = get("KADE_DICOM_PORT") {
+            self.dicom.port = v.parse().context("KADE_DICOM_PORT must be a port number")?;
+        }
+        if let Some(v) = secret("KADE_INDEX_URL")? {
+            self.index.url = v;
+        }
+        if let Some(v) = get("KADE_STORAGE_BACKEND") {
+            self.storage.backend = match v.as_str() {
+                "local" => StorageBackend::Local,
+                "s3" => StorageBackend::S3,
+                _ => bail!("KADE_STORAGE_BACKEND must be local or s3, not {v:?}"),
+            };
+        }
+        let s3_keys = [
+            "ENDPOINT",
+            "BUCKET",
+            "REGION",
+            "ACCESS_KEY_ID",
+            "SECRET_ACCESS_KEY",
+        ];
+        let mut s3_env = Vec::new();
+        for k in s3_keys {
+            s3_env.push(secret(&format!("KADE_STORAGE_S3_{k}"))?);
+        }
+        if s3_env.iter().any(Option::is_some) {
+            let s3 = self.storage.s3.get_or_insert_with(|| S3Options {
+                endpoint: String::new(),
+                bucket: String::new(),
+                region: "us-east-1".into(),
+                access_key_id: String::new(),
+                secret_access_key: String::new(),
+            });
+            let fields = [
+                &mut s3.endpoint,
+                &mut s3.bucket,
+                &mut s3.region,
+                &mut s3.access_key_id,
+                &mut s3.secret_access_key,
+            ];
+            for (field, v) in fields.into_iter().zip(s3_env) {
+                if let Some(v) = v {
+                    *field = v;
+                }
+            }
+        }
+        if let Some(v) = get("KADE_INGEST_DUPLICATE_POLICY") {
+            self.ingest.duplicate_policy = toml::Value::String(v.clone())
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("KADE_INGEST_DUPLICATE_POLICY must be reject, keep-existing or replace, not {v:?}"))?;
+        }
+        if let Some(v) = get("KADE_LOG_FORMAT") {
+            self.log.format = v;
+        }
+        if let Some(v) = get("KADE_LOG").or_else(|| get("RUST_LOG")) {
+            self.log.level = v;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.storage.backend == StorageBackend::S3 {
+            let Some(s3) = &self.storage.s3 else {
+                bail!(
+                    "storage.backend is \"s3\" but [storage.s3] is missing: set endpoint, bucket, region, access_key_id and secret_access_key"
+                );
+            };
+            for (name, v) in [
+                ("endpoint", &s3.endpoint),
+                ("bucket", &s3.bucket),
+                ("access_key_id", &s3.access_key_id),
+            ] {
+                if v.is_empty() {
+                    bail!("storage.s3.{name} is empty");
+                }
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            bail!("log.format must be text or json, not {:?}", self.log.format);
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.dicom.max_pdu) {
+            bail!("dicom.max_pdu must be between 1024 and 16777216 bytes");
+        }
+        Ok(())
+    }
+
+    /// The index URL, defaulting to SQLite in the data directory.
+    pub fn index_url(&self) -> String {
+        if self.index.url.is_empty() {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("index.db").display()
+            )
+        } else {
+            self.index.url.clone()
+        }
+    }
+}
+
+/// Reads a secret from a file that must not be readable by other users.
+fn read_secret_file(path: &Path) -> anyhow::Result<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("cannot read secret file {}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            bail!(
+                "secret file {} is readable by other users (mode {:o}): run chmod 600 on it",
+                path.display(),
+                mode & 0o777
+            );
+        }
+    }
+    let s = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read secret file {}", path.display()))?;
+    Ok(s.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../kade.example.toml");
+        let cfg: Config = toml::from_str(text).expect("kade.example.toml must stay valid");
+        assert_eq!(cfg.dicom.ae_title.as_str(), "KADE");
+        assert_eq!(cfg.dicom.port, 11112);
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut cfg: Config = toml::from_str("").unwrap();
+        let env = |k: &str| match k {
+            "KADE_DICOM_PORT" => Some("4242".to_string()),
+            "KADE_STORAGE_BACKEND" => Some("s3".into()),
+            "KADE_STORAGE_S3_ENDPOINT" => Some("http://127.0.0.1:9000".into()),
+            "KADE_STORAGE_S3_BUCKET" => Some("b".into()),
+            "KADE_STORAGE_S3_ACCESS_KEY_ID" => Some("k".into()),
+            "KADE_INGEST_DUPLICATE_POLICY" => Some("keep-existing".into()),
+            _ => None,
+        };
+        cfg.apply_env(env).unwrap();
+        assert_eq!(cfg.dicom.port, 4242);
+        assert_eq!(cfg.storage.backend, StorageBackend::S3);
+        assert_eq!(cfg.storage.s3.as_ref().unwrap().bucket, "b");
+        assert_eq!(cfg.ingest.duplicate_policy, DuplicatePolicy::KeepExisting);
+        cfg.validate().unwrap();
+        let bad = |k: &str| (k == "KADE_DICOM_PORT").then(|| "x".to_string());
+        assert!(cfg.apply_env(bad).is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<Config>("[dicom]\naetitle = \"X\"").is_err());
+    }
+}
