@@ -1,1 +1,11 @@
-fn main() {}
+//! End-to-end tests: a real `kade serve` process driven by real DICOM peers (DCMTK) and by
+//! Kade's own requestor for traffic no ordinary peer sends. Every test runs on every
+//! configured backend (see `common::backends`).
+
+mod common;
+
+mod admin;
+mod association;
+mod corpus;
+mod crash;
+mod robustness;

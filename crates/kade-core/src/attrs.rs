@@ -117,7 +117,7 @@ impl InstanceAttributes {
             patient: PatientAttributes {
                 patient_id: r.text(tags::PATIENT_ID).unwrap_or_default(),
                 issuer: r.text(tags::ISSUER_OF_PATIENT_ID),
-                name: r.text(tags::PATIENT_NAME),
+                name: r.person_name(tags::PATIENT_NAME),
                 birth_date: r.text(tags::PATIENT_BIRTH_DATE),
                 sex: r.text(tags::PATIENT_SEX),
             },
@@ -126,7 +126,7 @@ impl InstanceAttributes {
                 date: r.text(tags::STUDY_DATE),
                 time: r.text(tags::STUDY_TIME),
                 accession_number: r.text(tags::ACCESSION_NUMBER),
-                referring_physician: r.text(tags::REFERRING_PHYSICIAN_NAME),
+                referring_physician: r.person_name(tags::REFERRING_PHYSICIAN_NAME),
                 description: r.text(tags::STUDY_DESCRIPTION),
                 study_id: r.text(tags::STUDY_ID),
                 timezone_offset: r.text(tags::TIMEZONE_OFFSET_FROM_UTC),
@@ -179,6 +179,18 @@ impl<'a> Reader<'a> {
         };
         let s = clean(&s);
         (!s.is_empty()).then_some(s)
+    }
+
+    /// A person name without the empty trailing components and component groups that
+    /// PS3.5 §6.2.1 allows to be sent (`Wang^XiaoDong=王^小東=` is `Wang^XiaoDong=王^小東`).
+    fn person_name(&self, tag: Tag) -> Option<String> {
+        let s = self.text(tag)?;
+        let v: Vec<&str> = s
+            .split('\\')
+            .map(|n| n.trim_end_matches(['=', '^', ' ']))
+            .collect();
+        let s = v.join("\\");
+        (!s.trim_matches('\\').is_empty()).then_some(s)
     }
 
     fn int(&self, tag: Tag) -> Option<i64> {
@@ -236,7 +248,7 @@ mod tests {
     #[test]
     fn extracts_identifiers_and_text() {
         let mut o = minimal();
-        put(&mut o, tags::PATIENT_NAME, VR::PN, "Müller^Jürgen ");
+        put(&mut o, tags::PATIENT_NAME, VR::PN, "Müller^Jürgen^^=");
         put(&mut o, tags::SERIES_NUMBER, VR::IS, " 7");
         let a = InstanceAttributes::from_dataset(&o).unwrap();
         assert_eq!(a.sop_class_uid.as_str(), "1.2.840.10008.5.1.4.1.1.2");

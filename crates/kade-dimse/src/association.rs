@@ -293,6 +293,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         }
     }
 
+    /// Answers a command with `response`, after reading and dropping its data set if any.
+    async fn refuse(
+        &mut self,
+        pc_id: u8,
+        response: Response,
+        has_data_set: bool,
+    ) -> Result<State, End> {
+        if has_data_set {
+            return Ok(State::Discarding { pc_id, response });
+        }
+        self.respond(pc_id, &response).await?;
+        Ok(State::Idle)
+    }
+
     async fn on_command_fragment(
         &mut self,
         pc_id: u8,
@@ -361,11 +375,24 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     status: Status::UnrecognizedOperation,
                     error_comment: Some("operation not supported by this node".into()),
                 };
-                if has_data_set {
-                    return Ok(State::Discarding { pc_id, response });
-                }
-                self.respond(pc_id, &response).await?;
-                Ok(State::Idle)
+                self.refuse(pc_id, response, has_data_set).await
+            }
+            Command::Invalid {
+                command_field,
+                message_id,
+                has_data_set,
+                reason,
+            } => {
+                tracing::warn!(reason = %reason, "invalid DIMSE command");
+                let response = Response {
+                    command_field: command_field | 0x8000,
+                    message_id,
+                    sop_class: None,
+                    sop_instance: None,
+                    status: Status::CannotUnderstand,
+                    error_comment: Some(reason.to_string()),
+                };
+                self.refuse(pc_id, response, has_data_set).await
             }
         }
     }

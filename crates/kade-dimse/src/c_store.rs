@@ -89,7 +89,12 @@ impl StoreInProgress {
                     log_stored(&stored, source);
                     (Status::Success, String::new())
                 }
-                Err(e) => failure_of(&e),
+                Err(e) => {
+                    if matches!(e, IngestError::Storage(_) | IngestError::Index(_)) {
+                        tracing::error!(sop = %self.sop_instance, error = %e, "C-STORE could not be completed");
+                    }
+                    failure_of(&e)
+                }
             },
             (None, None) => (Status::OutOfResources, "no spool".into()),
         };

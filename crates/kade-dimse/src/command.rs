@@ -178,6 +178,17 @@ pub enum Command {
         /// Move Originator AE Title, when the store is a C-MOVE sub-operation.
         move_originator: Option<String>,
     },
+    /// A known request lacking a required element; answered with a failure, not an abort.
+    Invalid {
+        /// Command Field.
+        command_field: u16,
+        /// Message ID.
+        message_id: u16,
+        /// Whether a data set follows.
+        has_data_set: bool,
+        /// What is missing.
+        reason: CommandError,
+    },
     /// Any command Kade does not (yet) serve.
     Unsupported {
         /// Command Field.
@@ -210,14 +221,27 @@ impl Command {
                 message_id,
                 sop_class: sop_class.unwrap_or_else(|| crate::VERIFICATION.to_owned()),
             },
-            field::C_STORE_RQ => Command::Store {
-                message_id,
-                sop_class: sop_class.ok_or(CommandError::Missing("AffectedSOPClassUID"))?,
-                sop_instance: cs
-                    .str(tag::AFFECTED_SOP_INSTANCE_UID)
-                    .ok_or(CommandError::Missing("AffectedSOPInstanceUID"))?,
-                move_originator: cs.str(tag::MOVE_ORIGINATOR_AE_TITLE),
-            },
+            field::C_STORE_RQ => {
+                let sop_instance = cs.str(tag::AFFECTED_SOP_INSTANCE_UID);
+                match (sop_class, sop_instance) {
+                    (Some(sop_class), Some(sop_instance)) => Command::Store {
+                        message_id,
+                        sop_class,
+                        sop_instance,
+                        move_originator: cs.str(tag::MOVE_ORIGINATOR_AE_TITLE),
+                    },
+                    (c, _) => Command::Invalid {
+                        command_field,
+                        message_id,
+                        has_data_set,
+                        reason: CommandError::Missing(if c.is_none() {
+                            "AffectedSOPClassUID"
+                        } else {
+                            "AffectedSOPInstanceUID"
+                        }),
+                    },
+                }
+            }
             _ => Command::Unsupported {
                 command_field,
                 message_id,
@@ -232,7 +256,9 @@ impl Command {
         match self {
             Command::Echo { .. } => false,
             Command::Store { .. } => true,
-            Command::Unsupported { has_data_set, .. } => *has_data_set,
+            Command::Unsupported { has_data_set, .. } | Command::Invalid { has_data_set, .. } => {
+                *has_data_set
+            }
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`command`]: the DIMSE command-set codec and the typed [`command::Command`] enum.
 //! - [`status`]: DIMSE status codes.
 //! - [`c_echo`], [`c_store`]: the services.
+//! - [`scu`]: a small association requestor (outbound stores, tests).
 //!
 //! dicom-ul's association types are not used: they buffer PDUs without bound, lack timeouts
 //! on some paths, and panic on current-thread runtimes. Kade reads and writes PDUs itself.
@@ -21,6 +22,7 @@ pub mod command;
 pub mod negotiation;
 pub mod pdu;
 pub mod policy;
+pub mod scu;
 pub mod server;
 pub mod status;
 

@@ -5,7 +5,9 @@
 pub enum Status {
     /// 0000: success.
     Success,
-    /// 0111: duplicate SOP instance (a different object already has this SOP Instance UID).
+    /// C111: a different object already has this SOP Instance UID. A failure in the C-STORE
+    /// "cannot understand" (Cxxx) family: the general status 0111 (Duplicate SOP Instance)
+    /// is not a C-STORE status, and peers such as DCMTK treat it as unknown, not as failure.
     DuplicateSopInstance,
     /// 0122: the SOP class is not supported on this presentation context.
     SopClassNotSupported,
@@ -26,7 +28,7 @@ impl Status {
     pub fn code(self) -> u16 {
         match self {
             Status::Success => 0x0000,
-            Status::DuplicateSopInstance => 0x0111,
+            Status::DuplicateSopInstance => 0xC111,
             Status::SopClassNotSupported => 0x0122,
             Status::NotAuthorized => 0x0124,
             Status::UnrecognizedOperation => 0x0211,

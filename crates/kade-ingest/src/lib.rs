@@ -5,6 +5,7 @@
 //! - [`Ingest`] (this module): the pipeline and the duplicate policy.
 //! - [`incoming`]: [`Incoming`], the bytes of one instance as they arrive, spooled and hashed.
 //! - [`parse`]: parsing and validation of a spooled Part 10 file.
+//! - [`scan`]: a structural check of element lengths before any DICOM library reads the data.
 //!
 //! # Guarantees
 //! - Nothing is acknowledged before the blob is durable and the index row (with its audit
@@ -16,6 +17,7 @@
 
 pub mod incoming;
 pub mod parse;
+pub mod scan;
 
 use kade_audit::{AuditEvent, EventKind, Outcome};
 use kade_core::{InstanceAttributes, Uid};

@@ -1,5 +1,6 @@
 //! Parsing and validating a spooled Part 10 file.
 
+use std::io::Read;
 use std::path::Path;
 
 use dicom_dictionary_std::tags;
@@ -10,8 +11,36 @@ use crate::IngestError;
 
 /// Instances up to this size are parsed completely, which proves that every element,
 /// pixel data included, is well-formed and complete. Larger ones are parsed up to Pixel Data
-/// only, so that memory stays bounded.
+/// only, so that memory stays bounded; [`crate::scan`] has checked their structure already.
 pub const FULL_PARSE_LIMIT: u64 = 32 * 1024 * 1024;
+
+/// Checks the data set's structure (see [`crate::scan`]) before a DICOM library reads it.
+fn prescan(path: &Path, size: u64) -> Result<(), IngestError> {
+    let invalid = IngestError::Invalid;
+    let mut f = std::fs::File::open(path).map_err(|e| invalid(e.to_string()))?;
+    let mut head = vec![0u8; 144];
+    f.read_exact(&mut head)
+        .map_err(|_| invalid("shorter than a DICOM header".into()))?;
+    if &head[128..132] != b"DICM" || head[132..136] != [2, 0, 0, 0] {
+        return Err(invalid("no File Meta group with group length".into()));
+    }
+    let group_len = u32::from_le_bytes(head[140..144].try_into().expect("4 bytes"));
+    let meta_end = 144 + u64::from(group_len);
+    if group_len > 64 * 1024 || meta_end > size {
+        return Err(invalid(format!(
+            "File Meta group length {group_len} is impossible"
+        )));
+    }
+    head.resize(meta_end as usize, 0);
+    f.read_exact(&mut head[144..])
+        .map_err(|e| invalid(e.to_string()))?;
+    let meta = dicom_object::meta::FileMetaTable::from_reader(&head[128..])
+        .map_err(|e| invalid(format!("File Meta group: {e}")))?;
+    match crate::scan::Encoding::of_transfer_syntax(meta.transfer_syntax().trim_end_matches('\0')) {
+        Some(enc) => crate::scan::check(f, meta_end, size, enc).map_err(invalid),
+        None => Ok(()),
+    }
+}
 
 /// What ingest needs from a parsed instance.
 #[derive(Debug)]
@@ -29,6 +58,7 @@ pub struct Parsed {
 /// # Errors
 /// [`IngestError::Invalid`] when the file is not well-formed DICOM or lacks a required UID.
 pub fn parse(path: &Path, size: u64) -> Result<Parsed, IngestError> {
+    prescan(path, size)?;
     let invalid = |e: &dyn std::fmt::Display| IngestError::Invalid(e.to_string());
     let (file, pixel_vr) = if size <= FULL_PARSE_LIMIT {
         let mut file = open_file(path).map_err(|e| invalid(&e))?;

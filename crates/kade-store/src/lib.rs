@@ -73,6 +73,10 @@ pub struct S3Options {
     pub access_key_id: String,
     /// Secret access key.
     pub secret_access_key: String,
+    /// Key prefix inside the bucket (e.g. `site-a/`), so several nodes or test runs can share
+    /// one bucket. Empty by default.
+    #[serde(default)]
+    pub prefix: String,
 }
 
 /// A listed blob.
@@ -137,11 +141,17 @@ impl BlobStore {
             .with_allow_http(opts.endpoint.starts_with("http://"))
             .with_virtual_hosted_style_request(false)
             .build()?;
+        let prefix = opts.prefix.trim_matches('/');
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(store)
+        } else {
+            Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
+        };
         Ok(BlobStore {
-            store: Arc::new(store),
+            store,
             local_root: None,
             spool_dir: spool_dir.to_owned(),
-            description: format!("S3 bucket {} at {}", opts.bucket, opts.endpoint),
+            description: format!("S3 bucket {}/{} at {}", opts.bucket, prefix, opts.endpoint),
         })
     }
 

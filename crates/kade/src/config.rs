@@ -85,7 +85,8 @@ pub struct StorageConfig {
     #[serde(default)]
     pub backend: StorageBackend,
     /// `[storage.s3]`, required when `backend = "s3"`. Env `KADE_STORAGE_S3_ENDPOINT`,
-    /// `_BUCKET`, `_REGION`, `_ACCESS_KEY_ID`, `_SECRET_ACCESS_KEY` (or `_SECRET_ACCESS_KEY_FILE`).
+    /// `_BUCKET`, `_REGION`, `_ACCESS_KEY_ID`, `_SECRET_ACCESS_KEY` (or `_SECRET_ACCESS_KEY_FILE`),
+    /// `_PREFIX`.
     pub s3: Option<S3Options>,
 }
 
@@ -105,7 +106,7 @@ pub enum StorageBackend {
 #[serde(deny_unknown_fields)]
 pub struct IngestConfig {
     /// What to do with a different object arriving under an existing SOP Instance UID:
-    /// `reject` (default; failure status 0111), `keep-existing` (success, keep the stored
+    /// `reject` (default; failure status C111), `keep-existing` (success, keep the stored
     /// one) or `replace`. Every case is audited. Env `KADE_INGEST_DUPLICATE_POLICY`.
     #[serde(default)]
     pub duplicate_policy: DuplicatePolicy,
@@ -240,6 +241,7 @@ impl Config {
                 region: "us-east-1".into(),
                 access_key_id: String::new(),
                 secret_access_key: String::new(),
+                prefix: String::new(),
             });
             let fields = [
                 &mut s3.endpoint,
@@ -247,6 +249,7 @@ impl Config {
                 &mut s3.region,
                 &mut s3.access_key_id,
                 &mut s3.secret_access_key,
+                &mut s3.prefix,
             ];
             for (field, v) in fields.into_iter().zip(s3_env) {
                 if let Some(v) = v {

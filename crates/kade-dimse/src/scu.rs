@@ -1,0 +1,291 @@
+//! A small association requestor (SCU): C-ECHO and C-STORE over one association.
+//! Kade uses it for outbound stores (C-MOVE sub-operations) and tests use it to drive
+//! the listener with traffic no ordinary SCU sends (broken data sets, aborts mid-transfer).
+
+use dicom_ul::pdu::{
+    AbortRQSource, AssociationRJ, AssociationRQ, Pdu, PresentationContextProposed,
+    PresentationContextResultReason, UserVariableItem,
+};
+use kade_core::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, ToSocketAddrs};
+
+use crate::command::{CommandSet, field, tag};
+use crate::negotiation::APPLICATION_CONTEXT;
+use crate::pdu::{self, Received};
+
+/// Errors of the requestor.
+#[derive(Debug, thiserror::Error)]
+pub enum ScuError {
+    /// Connection or I/O failure.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// PDU-level failure.
+    #[error("{0}")]
+    Pdu(#[from] pdu::PduError),
+    /// The acceptor rejected the association.
+    #[error("association rejected: {0:?}")]
+    Rejected(AssociationRJ),
+    /// The acceptor aborted.
+    #[error("association aborted by the peer")]
+    Aborted,
+    /// No accepted presentation context for the abstract syntax.
+    #[error("no accepted presentation context for {0}")]
+    NoContext(String),
+    /// Anything else unexpected.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// A proposed presentation context: abstract syntax and transfer syntaxes.
+pub type Proposal = (String, Vec<String>);
+
+/// An established association, as requestor.
+#[derive(Debug)]
+pub struct ScuAssociation {
+    rd: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    accepted: Vec<(u8, String, String)>,
+    peer_max_pdu: u32,
+    next_id: u16,
+}
+
+const OUR_MAX_PDU: u32 = 256 * 1024;
+
+impl ScuAssociation {
+    /// Connects and negotiates.
+    ///
+    /// # Errors
+    /// Connection failures and rejections.
+    pub async fn connect(
+        addr: impl ToSocketAddrs,
+        calling: &str,
+        called: &str,
+        proposals: &[Proposal],
+    ) -> Result<Self, ScuError> {
+        let sock = TcpStream::connect(addr).await?;
+        sock.set_nodelay(true)?;
+        let (r, w) = sock.into_split();
+        let mut a = ScuAssociation {
+            rd: BufReader::new(r),
+            wr: w,
+            accepted: Vec::new(),
+            peer_max_pdu: 0,
+            next_id: 1,
+        };
+        let rq = AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: calling.into(),
+            called_ae_title: called.into(),
+            application_context_name: APPLICATION_CONTEXT.into(),
+            presentation_contexts: proposals
+                .iter()
+                .enumerate()
+                .map(|(i, (abs, ts))| PresentationContextProposed {
+                    id: (i * 2 + 1) as u8,
+                    abstract_syntax: abs.clone(),
+                    transfer_syntaxes: ts.clone(),
+                })
+                .collect(),
+            user_variables: vec![
+                UserVariableItem::MaxLength(OUR_MAX_PDU),
+                UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.into()),
+                UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.into()),
+            ],
+        };
+        a.wr.write_all(&pdu::encode(&Pdu::AssociationRQ(rq)))
+            .await?;
+        match a.read().await? {
+            Received::Control(Pdu::AssociationAC(ac)) => {
+                for pc in ac.presentation_contexts {
+                    if pc.reason == PresentationContextResultReason::Acceptance {
+                        let i = (pc.id as usize).saturating_sub(1) / 2;
+                        if let Some((abs, _)) = proposals.get(i) {
+                            a.accepted.push((
+                                pc.id,
+                                abs.clone(),
+                                pc.transfer_syntax.trim_end_matches('\0').into(),
+                            ));
+                        }
+                    }
+                }
+                a.peer_max_pdu = ac
+                    .user_variables
+                    .iter()
+                    .find_map(|u| {
+                        if let UserVariableItem::MaxLength(n) = u {
+                            Some(*n)
+                        } else {
+                            None
+                        }
+                    })
+                    .unwrap_or(0);
+                Ok(a)
+            }
+            Received::Control(Pdu::AssociationRJ(rj)) => Err(ScuError::Rejected(rj)),
+            other => Err(ScuError::Protocol(format!(
+                "unexpected answer to A-ASSOCIATE-RQ: {other:?}"
+            ))),
+        }
+    }
+
+    async fn read(&mut self) -> Result<Received, ScuError> {
+        pdu::read(&mut self.rd, OUR_MAX_PDU)
+            .await?
+            .ok_or(ScuError::Aborted)
+    }
+
+    /// The accepted context (id, transfer syntax) for an abstract syntax.
+    pub fn context(&self, abstract_syntax: &str) -> Option<(u8, &str)> {
+        self.accepted
+            .iter()
+            .find(|(_, a, _)| a == abstract_syntax)
+            .map(|(id, _, ts)| (*id, ts.as_str()))
+    }
+
+    /// Sends C-ECHO-RQ and returns the response status.
+    ///
+    /// # Errors
+    /// Protocol or connection failures.
+    pub async fn echo(&mut self) -> Result<u16, ScuError> {
+        let (pc, _) = self
+            .context(crate::VERIFICATION)
+            .ok_or_else(|| ScuError::NoContext(crate::VERIFICATION.into()))?;
+        let mut cs = CommandSet::default();
+        cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, crate::VERIFICATION)
+            .set_u16(tag::COMMAND_FIELD, field::C_ECHO_RQ)
+            .set_u16(tag::MESSAGE_ID, self.msg_id())
+            .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0101);
+        self.send(pc, true, &cs.encode()).await?;
+        self.response_status().await
+    }
+
+    /// Sends a C-STORE-RQ with `dataset` (encoded in the context's transfer syntax) and
+    /// returns the response status.
+    ///
+    /// # Errors
+    /// Protocol or connection failures.
+    pub async fn store(
+        &mut self,
+        sop_class: &str,
+        sop_instance: &str,
+        dataset: &[u8],
+    ) -> Result<u16, ScuError> {
+        self.store_command(sop_class, sop_instance).await?;
+        let (pc, _) = self.context(sop_class).expect("checked by store_command");
+        self.send(pc, false, dataset).await?;
+        self.response_status().await
+    }
+
+    /// Sends only the C-STORE-RQ command (tests send the data themselves).
+    ///
+    /// # Errors
+    /// No context for the SOP class, or connection failures.
+    pub async fn store_command(
+        &mut self,
+        sop_class: &str,
+        sop_instance: &str,
+    ) -> Result<(), ScuError> {
+        let (pc, _) = self
+            .context(sop_class)
+            .ok_or_else(|| ScuError::NoContext(sop_class.into()))?;
+        let mut cs = CommandSet::default();
+        cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, sop_class)
+            .set_u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
+            .set_u16(tag::MESSAGE_ID, self.msg_id())
+            .set_u16(tag::PRIORITY, 0)
+            .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0000)
+            .set_uid(tag::AFFECTED_SOP_INSTANCE_UID, sop_instance);
+        self.send(pc, true, &cs.encode()).await
+    }
+
+    /// Sends P-DATA PDVs for `data` on context `pc` (the last one flagged last).
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub async fn send(&mut self, pc: u8, is_command: bool, data: &[u8]) -> Result<(), ScuError> {
+        self.wr
+            .write_all(&pdu::encode_pdata(pc, is_command, data, self.peer_max_pdu))
+            .await?;
+        Ok(())
+    }
+
+    /// Sends raw bytes (for tests that need to break the protocol).
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ScuError> {
+        self.wr.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Reads one response command and returns its Status.
+    ///
+    /// # Errors
+    /// Protocol or connection failures, or an abort.
+    pub async fn response_status(&mut self) -> Result<u16, ScuError> {
+        let mut buf = Vec::new();
+        loop {
+            match self.read().await? {
+                Received::Data(pdvs) => {
+                    for p in pdvs {
+                        if !p.is_command {
+                            return Err(ScuError::Protocol("data set in a response".into()));
+                        }
+                        buf.extend_from_slice(&p.data);
+                        if p.is_last {
+                            let cs = CommandSet::decode(&buf)
+                                .map_err(|e| ScuError::Protocol(e.to_string()))?;
+                            return cs.u16(tag::STATUS).ok_or_else(|| {
+                                ScuError::Protocol("response without Status".into())
+                            });
+                        }
+                    }
+                }
+                Received::Control(Pdu::AbortRQ { .. }) => return Err(ScuError::Aborted),
+                Received::Control(p) => {
+                    return Err(ScuError::Protocol(format!(
+                        "unexpected {}",
+                        p.short_description()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Releases the association.
+    ///
+    /// # Errors
+    /// Protocol or connection failures.
+    pub async fn release(mut self) -> Result<(), ScuError> {
+        self.wr.write_all(&pdu::encode(&Pdu::ReleaseRQ)).await?;
+        match self.read().await? {
+            Received::Control(Pdu::ReleaseRP) => Ok(()),
+            other => Err(ScuError::Protocol(format!(
+                "unexpected answer to A-RELEASE-RQ: {other:?}"
+            ))),
+        }
+    }
+
+    /// Aborts the association (A-ABORT, service user) and closes the connection.
+    ///
+    /// # Errors
+    /// Connection failures.
+    pub async fn abort(mut self) -> Result<(), ScuError> {
+        self.wr
+            .write_all(&pdu::encode(&Pdu::AbortRQ {
+                source: AbortRQSource::ServiceUser,
+            }))
+            .await?;
+        self.wr.shutdown().await?;
+        let mut sink = Vec::new();
+        let _ = self.rd.read_to_end(&mut sink).await;
+        Ok(())
+    }
+
+    fn msg_id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+}

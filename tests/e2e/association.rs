@@ -1,0 +1,103 @@
+//! Association policy: who may connect and what they may do.
+
+use kade_testkit::{r#gen, tools};
+
+use crate::common::{Node, backends};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_is_answered_for_known_peers_and_strangers_are_rejected() {
+    let Some(echoscu) = tools::dcmtk("echoscu") else {
+        return;
+    };
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let ok = node.dcmtk(&echoscu, "STORESCU", &[], &[]);
+        assert!(
+            ok.status.success(),
+            "[{}] echo from a known peer failed: {}",
+            b.name,
+            tools::text(&ok)
+        );
+
+        let stranger = node.dcmtk(&echoscu, "INTRUDER", &[], &[]);
+        assert!(
+            !stranger.status.success(),
+            "[{}] unknown calling AE was accepted",
+            b.name
+        );
+        assert!(
+            tools::text(&stranger).contains("Calling AE Title Not Recognized"),
+            "[{}] wrong rejection reason: {}",
+            b.name,
+            tools::text(&stranger)
+        );
+
+        let mut c = std::process::Command::new(&echoscu);
+        c.args([
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "NOTKADE",
+            "127.0.0.1",
+            &node.port.to_string(),
+        ]);
+        let wrong_called = tools::run(c);
+        assert!(
+            !wrong_called.status.success(),
+            "[{}] wrong called AE was accepted",
+            b.name
+        );
+        assert!(
+            tools::text(&wrong_called).contains("Called AE Title Not Recognized"),
+            "{}",
+            tools::text(&wrong_called)
+        );
+
+        // Rejections are audited, with the reason.
+        let tail = node.cli(&["audit", "tail", "-n", "50", "--json"]);
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&tail.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let rejected: Vec<_> = lines
+            .iter()
+            .filter(|e| e["event"] == "association-rejected")
+            .collect();
+        assert_eq!(rejected.len(), 2, "[{}] audit: {lines:?}", b.name);
+        assert!(
+            rejected
+                .iter()
+                .any(|e| e["actor"] == "ae:INTRUDER" && e["actor_address"] == "127.0.0.1")
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|e| e["event"] == "association-accepted" && e["actor"] == "ae:STORESCU")
+        );
+        assert!(node.cli(&["audit", "verify"]).status.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_without_store_permission_cannot_store() {
+    let Some(storescu) = tools::dcmtk("storescu") else {
+        return;
+    };
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let dir = tempfile::tempdir().unwrap();
+        let files = r#gen::ct_study(dir.path(), &r#gen::CtSpec::small(1, 1));
+        let o = node.dcmtk(&storescu, "ECHOONLY", &[], &files);
+        assert!(
+            !o.status.success(),
+            "[{}] echo-only peer could store: {}",
+            b.name,
+            tools::text(&o)
+        );
+        assert_eq!(node.stats()["instances"], 0, "[{}]", b.name);
+        // The same data from a peer that may store is accepted.
+        let o = node.dcmtk(&storescu, "STORESCU", &[], &files);
+        assert!(o.status.success(), "[{}] {}", b.name, tools::text(&o));
+        assert_eq!(node.stats()["instances"], 1, "[{}]", b.name);
+    }
+}

@@ -1,0 +1,352 @@
+//! The end-to-end context: a real `kade serve` process on a temporary data directory, on
+//! every configured backend (SQLite + files always; PostgreSQL + S3 when configured).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use kade_index::Index;
+use kade_testkit::tools;
+use sqlx::Connection;
+
+/// A backend combination the suite runs on.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Name for messages.
+    pub name: &'static str,
+    /// PostgreSQL server URL to create per-node databases on (None: SQLite).
+    pub pg_base: Option<String>,
+    /// S3 settings (None: local files).
+    pub s3: Option<S3Env>,
+}
+
+/// S3 connection settings from the environment.
+#[derive(Debug, Clone)]
+pub struct S3Env {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+/// The backends to run on: always the embedded default, plus PostgreSQL + S3 when
+/// `KADE_TEST_PG_URL` and `KADE_TEST_S3_ENDPOINT` (with `_BUCKET`, `_ACCESS_KEY`,
+/// `_SECRET_KEY`, optional `_REGION`) are set. Missing ones are reported loudly, and are an
+/// error under `KADE_TEST_REQUIRE_ALL=1`.
+pub fn backends() -> Vec<Backend> {
+    let mut v = vec![Backend {
+        name: "sqlite+files",
+        pg_base: None,
+        s3: None,
+    }];
+    let env = |k: &str| std::env::var(k).ok().filter(|s| !s.is_empty());
+    match (env("KADE_TEST_PG_URL"), env("KADE_TEST_S3_ENDPOINT")) {
+        (Some(pg), Some(endpoint)) => v.push(Backend {
+            name: "postgres+s3",
+            pg_base: Some(pg),
+            s3: Some(S3Env {
+                endpoint,
+                bucket: env("KADE_TEST_S3_BUCKET").expect("KADE_TEST_S3_BUCKET"),
+                region: env("KADE_TEST_S3_REGION").unwrap_or_else(|| "us-east-1".into()),
+                access_key: env("KADE_TEST_S3_ACCESS_KEY").expect("KADE_TEST_S3_ACCESS_KEY"),
+                secret_key: env("KADE_TEST_S3_SECRET_KEY").expect("KADE_TEST_S3_SECRET_KEY"),
+            }),
+        }),
+        _ => {
+            let msg = "PostgreSQL + S3 backend not configured: set KADE_TEST_PG_URL and \
+                       KADE_TEST_S3_ENDPOINT/_BUCKET/_ACCESS_KEY/_SECRET_KEY (see README, Testing)";
+            assert!(!tools::require_all(), "{msg}");
+            eprintln!("SKIPPED: {msg}");
+        }
+    }
+    v
+}
+
+/// Peers every test node allows.
+const PEERS: &str = r#"
+[[dicom.peers]]
+ae_title = "STORESCU"
+host = "127.0.0.1"
+allow = ["echo", "store"]
+
+[[dicom.peers]]
+ae_title = "ECHOONLY"
+host = "127.0.0.1"
+allow = ["echo"]
+"#;
+
+/// A running (or stopped) `kade serve`.
+#[derive(Debug)]
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub port: u16,
+    pub index_url: String,
+    child: Option<Child>,
+    archive: tokio::sync::OnceCell<kade::node::Node>,
+}
+
+fn rand_suffix() -> String {
+    format!("{:012x}", rand_u64() & 0xffff_ffff_ffff)
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+impl Node {
+    /// Starts a node on `backend` with the default test configuration.
+    pub async fn start(backend: &Backend) -> Node {
+        Self::start_with(backend, "").await
+    }
+
+    /// Starts a node; `extra` is TOML appended to the configuration (e.g. an `[ingest]` table).
+    pub async fn start_with(backend: &Backend, extra: &str) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix("kade-e2e-")
+            .tempdir()
+            .unwrap();
+        let data = dir.path().join("data");
+        let mut toml = format!(
+            "data_dir = {data:?}\n[dicom]\nae_title = \"KADE\"\nbind = \"127.0.0.1\"\nport = 0\nread_timeout_secs = 20\n{PEERS}\n"
+        );
+        let index_url = match &backend.pg_base {
+            Some(base) => {
+                let db = format!("kade_e2e_{}", rand_suffix());
+                let mut conn = sqlx::PgConnection::connect(base)
+                    .await
+                    .expect("connect to KADE_TEST_PG_URL");
+                sqlx::query(&format!("CREATE DATABASE {db}"))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                let url = replace_db(base, &db);
+                toml.push_str(&format!("[index]\nurl = {url:?}\n"));
+                url
+            }
+            None => format!("sqlite://{}?mode=rwc", data.join("index.db").display()),
+        };
+        if let Some(s3) = &backend.s3 {
+            toml.push_str(&format!(
+                "[storage]\nbackend = \"s3\"\n[storage.s3]\nendpoint = {:?}\nbucket = {:?}\nregion = {:?}\naccess_key_id = {:?}\nsecret_access_key = {:?}\nprefix = \"e2e-{}\"\n",
+                s3.endpoint, s3.bucket, s3.region, s3.access_key, s3.secret_key, rand_suffix()
+            ));
+        }
+        toml.push_str(extra);
+        let config = dir.path().join("kade.toml");
+        std::fs::write(&config, toml).unwrap();
+        let mut node = Node {
+            dir,
+            config,
+            port: 0,
+            index_url,
+            child: None,
+            archive: Default::default(),
+        };
+        node.spawn();
+        node
+    }
+
+    /// Starts the server process and waits for its "listening" line.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kade"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .env("KADE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start kade serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("kade: DICOM listening on ") {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => self.port = addr.rsplit(':').next().unwrap().parse().unwrap(),
+            Err(_) => panic!("kade serve did not start; log:\n{}", self.log()),
+        }
+        self.child = Some(child);
+    }
+
+    /// The server's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("serve.log")
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Peak resident memory of the server so far, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()
+            .unwrap();
+        for _ in 0..600 {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c.kill().unwrap();
+        panic!("kade serve did not stop within 30 s of SIGTERM");
+    }
+
+    /// Runs `kade --config … ARGS` (an admin command) and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_kade"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `kade stats --json`.
+    pub fn stats(&self) -> serde_json::Value {
+        let o = self.cli(&["stats", "--json"]);
+        assert!(o.status.success(), "kade stats failed: {}", tools::text(&o));
+        serde_json::from_slice(&o.stdout).expect("stats JSON")
+    }
+
+    /// The node's index and blob store, opened directly (once).
+    async fn archive(&self) -> &kade::node::Node {
+        self.archive
+            .get_or_init(|| async {
+                let cfg = kade::config::Config::load(Some(&self.config), None).unwrap();
+                kade::node::Node::open(&cfg).await.unwrap()
+            })
+            .await
+    }
+
+    /// The node's index.
+    pub async fn index(&self) -> Index {
+        self.archive().await.index.clone()
+    }
+
+    /// The stored blob of an instance, read through the node's own blob store.
+    pub async fn blob(&self, key: &str) -> Vec<u8> {
+        self.archive().await.store.get(key).await.unwrap().to_vec()
+    }
+
+    /// Files left in the spool directory (incomplete transfers).
+    pub fn spool_files(&self) -> Vec<PathBuf> {
+        list_files(&self.data_dir().join("spool"))
+    }
+
+    /// Runs a DCMTK tool against this node with calling AE `aet`.
+    pub fn dcmtk(&self, tool: &Path, aet: &str, args: &[&str], files: &[PathBuf]) -> Output {
+        let mut c = Command::new(tool);
+        c.args(["-aet", aet, "-aec", "KADE"])
+            .args(args)
+            .arg("127.0.0.1")
+            .arg(self.port.to_string())
+            .args(files);
+        tools::run(c)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Every file under `dir`, recursively.
+pub fn list_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(list_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn replace_db(base: &str, db: &str) -> String {
+    let (head, query) = match base.split_once('?') {
+        Some((h, q)) => (h, format!("?{q}")),
+        None => (base, String::new()),
+    };
+    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
+    let host_end = head[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(head.len());
+    format!("{}/{db}{query}", &head[..host_end])
+}
+
+/// Splits Part 10 bytes at the end of the File Meta group and returns the data set.
+pub fn dataset_of(blob: &[u8]) -> Vec<u8> {
+    kade_testkit::part10::Part10::parse(blob.to_vec())
+        .expect("stored blob is Part 10")
+        .dataset
+}

@@ -1,0 +1,397 @@
+//! Bad input, duplicates, aborted transfers and load: the archive stays correct and the
+//! server keeps serving.
+
+use std::time::Duration;
+
+use kade_dimse::scu::{Proposal, ScuAssociation};
+use kade_testkit::{corpus, r#gen, part10::Part10, testdata_dir, tools};
+
+use crate::common::{Node, backends, dataset_of, list_files};
+
+const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+const MR: &str = "1.2.840.10008.5.1.4.1.1.4";
+const ELE: &str = "1.2.840.10008.1.2.1";
+
+fn proposals() -> Vec<Proposal> {
+    vec![
+        (kade_dimse::VERIFICATION.into(), vec![ELE.into()]),
+        (CT.into(), vec![ELE.into()]),
+        (MR.into(), vec![ELE.into()]),
+    ]
+}
+
+async fn connect(node: &Node) -> ScuAssociation {
+    ScuAssociation::connect(node.addr(), "STORESCU", "KADE", &proposals())
+        .await
+        .expect("associate")
+}
+
+fn pydicom(name: &str) -> Part10 {
+    Part10::read(&testdata_dir().join("pydicom").join(name)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_data_sets_fail_cleanly_and_the_association_survives() {
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let mut a = connect(&node).await;
+        let good = pydicom("CT_small.dcm");
+
+        // Not DICOM at all.
+        let st = a
+            .store(CT, "1.2.3.4", b"this is not a data set, just bytes")
+            .await
+            .unwrap();
+        assert_eq!(st, 0xC000, "[{}] garbage", b.name);
+        // The header of a real instance, cut in the middle of its pixel data.
+        let cut = &good.dataset[..good.dataset.len() - 1000];
+        assert_eq!(
+            a.store(CT, &good.sop_instance, cut).await.unwrap(),
+            0xC000,
+            "[{}] truncated",
+            b.name
+        );
+        // The command names another SOP instance than the data set.
+        assert_eq!(
+            a.store(CT, "1.2.3.999", &good.dataset).await.unwrap(),
+            0xA900,
+            "[{}] mismatch",
+            b.name
+        );
+        // An MR data set sent on the CT context.
+        let mr = pydicom("MR_small.dcm");
+        assert_eq!(
+            a.store(CT, &mr.sop_instance, &mr.dataset).await.unwrap(),
+            0xA900,
+            "[{}] class",
+            b.name
+        );
+        // A data set without SOP Instance UID.
+        // And after all that, the same association still stores a good instance.
+        assert_eq!(
+            a.store(CT, &good.sop_instance, &good.dataset)
+                .await
+                .unwrap(),
+            0x0000,
+            "[{}] good",
+            b.name
+        );
+        assert_eq!(a.echo().await.unwrap(), 0);
+        a.release().await.unwrap();
+
+        assert_eq!(node.stats()["instances"], 1, "[{}]", b.name);
+        assert!(
+            node.spool_files().is_empty(),
+            "[{}] spool not cleaned: {:?}",
+            b.name,
+            node.spool_files()
+        );
+        let tail =
+            String::from_utf8(node.cli(&["audit", "tail", "-n", "100", "--json"]).stdout).unwrap();
+        assert_eq!(
+            tail.matches("\"instance-rejected\"").count(),
+            4,
+            "[{}] {tail}",
+            b.name
+        );
+        assert!(
+            !tail.contains("CompressedSamples"),
+            "patient names must not reach the audit log"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_transfer_syntax_in_the_corpus_is_stored_as_received() {
+    // (The corpus's JPEG-LS near-lossless files (.4.81) lack a Study Instance UID and are
+    // refused as unfileable; JPEG-LS lossless (.4.80) is covered.)
+    // Each file goes over an association that proposes only the file's own transfer syntax,
+    // so nothing is converted on the way; `replace` lets files sharing a UID all be stored.
+    let files: Vec<_> = corpus::all()
+        .into_iter()
+        .filter_map(|f| Some((Part10::read(&f.path).ok()?, f)))
+        .filter(|(_, f)| f.expected["readable"] == true)
+        .collect();
+    for b in backends() {
+        let node = Node::start_with(&b, "[ingest]\nduplicate_policy = \"replace\"\n").await;
+        let mut stored = std::collections::BTreeSet::new();
+        for (p, f) in &files {
+            let prop = vec![(p.sop_class.clone(), vec![p.transfer_syntax.clone()])];
+            let mut a = ScuAssociation::connect(node.addr(), "STORESCU", "KADE", &prop)
+                .await
+                .unwrap();
+            let st = a
+                .store(&p.sop_class, &p.sop_instance, &p.dataset)
+                .await
+                .unwrap_or_else(|e| panic!("[{}] {}: {e}; log:\n{}", b.name, f.name, node.log()));
+            a.release().await.unwrap();
+            let fileable = f.str("study_uid").is_some()
+                && f.str("series_uid").is_some()
+                && f.str("sop_instance_uid") == Some(p.sop_instance.as_str());
+            if !fileable {
+                assert_ne!(
+                    st, 0,
+                    "[{}] {} lacks identifying UIDs but was accepted",
+                    b.name, f.name
+                );
+                continue;
+            }
+            if st != 0 {
+                // Only data sets that are damaged on purpose may be refused.
+                assert!(
+                    [
+                        "pydicom/UN_sequence.dcm",
+                        "pydicom/SC_rgb_jpeg.dcm",
+                        "pydicom/rtplan_truncated.dcm"
+                    ]
+                    .contains(&f.name.as_str())
+                        || f.name.contains("truncated"),
+                    "[{}] {} refused with {st:04X}; log:\n{}",
+                    b.name,
+                    f.name,
+                    node.log()
+                );
+                continue;
+            }
+            let row = node
+                .index()
+                .await
+                .instance(&p.sop_instance)
+                .await
+                .unwrap()
+                .expect("indexed");
+            assert_eq!(
+                row.transfer_syntax_uid, p.transfer_syntax,
+                "[{}] {}",
+                b.name, f.name
+            );
+            assert_eq!(
+                dataset_of(&node.blob(&row.blob_key).await),
+                p.dataset,
+                "[{}] {} not byte-identical",
+                b.name,
+                f.name
+            );
+            stored.insert(p.transfer_syntax.clone());
+        }
+        for ts in [
+            "1.2.840.10008.1.2",
+            "1.2.840.10008.1.2.1",
+            "1.2.840.10008.1.2.1.99",
+            "1.2.840.10008.1.2.2",
+            "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.51",
+            "1.2.840.10008.1.2.4.70",
+            "1.2.840.10008.1.2.4.80",
+            "1.2.840.10008.1.2.4.90",
+            "1.2.840.10008.1.2.4.91",
+            "1.2.840.10008.1.2.5",
+        ] {
+            assert!(
+                stored.contains(ts),
+                "[{}] nothing stored in {ts}: {stored:?}",
+                b.name
+            );
+        }
+        let fsck = node.cli(&["fsck", "--min-age", "0"]);
+        assert!(
+            fsck.status.success(),
+            "[{}] replaced blobs left behind: {}",
+            b.name,
+            tools::text(&fsck)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn abort_mid_transfer_leaves_no_trace() {
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let ct = pydicom("CT_small.dcm");
+        let mut a = connect(&node).await;
+        a.store_command(CT, &ct.sop_instance).await.unwrap();
+        let (pc, _) = a.context(CT).unwrap();
+        // Half of the data set, not flagged last, then A-ABORT.
+        let half = &ct.dataset[..ct.dataset.len() / 2];
+        let mut pdv = Vec::new();
+        pdv.extend_from_slice(&[0x04, 0]);
+        pdv.extend_from_slice(&(half.len() as u32 + 6).to_be_bytes());
+        pdv.extend_from_slice(&(half.len() as u32 + 2).to_be_bytes());
+        pdv.extend_from_slice(&[pc, 0x00]);
+        pdv.extend_from_slice(half);
+        a.send_raw(&pdv).await.unwrap();
+        a.abort().await.unwrap();
+
+        // The dropped connection is noticed and everything received is discarded.
+        let mut clean = false;
+        for _ in 0..100 {
+            if node.spool_files().is_empty() {
+                clean = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(clean, "[{}] spool file left behind", b.name);
+        assert_eq!(node.stats()["instances"], 0, "[{}]", b.name);
+        if b.s3.is_none() {
+            assert!(
+                list_files(&node.data_dir().join("blobs")).is_empty(),
+                "[{}] blob left behind",
+                b.name
+            );
+        }
+        let fsck = node.cli(&["fsck", "--min-age", "0"]);
+        assert!(fsck.status.success(), "[{}] {}", b.name, tools::text(&fsck));
+
+        // The same instance, sent completely, is stored.
+        let mut a = connect(&node).await;
+        assert_eq!(a.store(CT, &ct.sop_instance, &ct.dataset).await.unwrap(), 0);
+        a.release().await.unwrap();
+        assert_eq!(node.stats()["instances"], 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicates_follow_the_configured_policy() {
+    // MR_small.dcm and MR_small_padded.dcm carry the same SOP Instance UID, different bytes.
+    let first = pydicom("MR_small.dcm");
+    let second = pydicom("MR_small_padded.dcm");
+    assert_eq!(first.sop_instance, second.sop_instance);
+    assert_ne!(first.dataset, second.dataset);
+    for b in backends() {
+        for (policy, status, kept_second) in [
+            ("reject", 0xC111, false),
+            ("keep-existing", 0x0000, false),
+            ("replace", 0x0000, true),
+        ] {
+            let node =
+                Node::start_with(&b, &format!("[ingest]\nduplicate_policy = \"{policy}\"\n")).await;
+            let mut a = connect(&node).await;
+            assert_eq!(
+                a.store(MR, &first.sop_instance, &first.dataset)
+                    .await
+                    .unwrap(),
+                0
+            );
+            // The very same object again: success, stored once.
+            assert_eq!(
+                a.store(MR, &first.sop_instance, &first.dataset)
+                    .await
+                    .unwrap(),
+                0
+            );
+            assert_eq!(
+                a.store(MR, &second.sop_instance, &second.dataset)
+                    .await
+                    .unwrap(),
+                status,
+                "[{}] {policy}",
+                b.name
+            );
+            a.release().await.unwrap();
+            assert_eq!(node.stats()["instances"], 1, "[{}] {policy}", b.name);
+            let row = node
+                .index()
+                .await
+                .instance(&first.sop_instance)
+                .await
+                .unwrap()
+                .unwrap();
+            let stored = dataset_of(&node.blob(&row.blob_key).await);
+            let expect = if kept_second {
+                &second.dataset
+            } else {
+                &first.dataset
+            };
+            assert_eq!(&stored, expect, "[{}] {policy}", b.name);
+            let tail = String::from_utf8(node.cli(&["audit", "tail", "-n", "20", "--json"]).stdout)
+                .unwrap();
+            let ev = if kept_second {
+                "\"instance-replaced\""
+            } else {
+                "\"instance-rejected\""
+            };
+            assert!(tail.contains(ev), "[{}] {policy}: {tail}", b.name);
+            // No blob of the losing object is left behind.
+            let fsck = node.cli(&["fsck", "--min-age", "0"]);
+            assert!(
+                fsck.status.success(),
+                "[{}] {policy}: {}",
+                b.name,
+                tools::text(&fsck)
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eight_parallel_associations_store_a_thousand_instances_in_bounded_memory() {
+    let Some(storescu) = tools::dcmtk("storescu") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = r#gen::CtSpec::small(8, 128);
+    spec.size = 128;
+    let files = r#gen::ct_study(dir.path(), &spec);
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let chunks: Vec<Vec<_>> = files.chunks(128).map(<[_]>::to_vec).collect();
+        assert_eq!(chunks.len(), 8);
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                let (tool, port) = (storescu.clone(), node.port);
+                std::thread::spawn(move || {
+                    let mut c = std::process::Command::new(tool);
+                    c.args([
+                        "-aet",
+                        "STORESCU",
+                        "-aec",
+                        "KADE",
+                        "127.0.0.1",
+                        &port.to_string(),
+                    ])
+                    .args(&chunk);
+                    tools::run(c)
+                })
+            })
+            .collect();
+        for h in handles {
+            let o = h.join().unwrap();
+            assert!(o.status.success(), "[{}] {}", b.name, tools::text(&o));
+        }
+        assert_eq!(node.stats()["instances"], 1024, "[{}]", b.name);
+        let rss_mib = node.peak_rss_kib() / 1024;
+        assert!(rss_mib < 200, "[{}] peak RSS {rss_mib} MiB", b.name);
+        eprintln!(
+            "[{}] 8 associations, 1024 instances: peak RSS {rss_mib} MiB",
+            b.name
+        );
+        assert!(node.cli(&["verify"]).status.success());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_server_cleanly() {
+    for b in backends() {
+        let mut node = Node::start(&b).await;
+        let ct = corpus::all()
+            .into_iter()
+            .find(|f| f.name == "pydicom/CT_small.dcm")
+            .unwrap();
+        let p = Part10::read(&ct.path).unwrap();
+        let mut a = connect(&node).await;
+        assert_eq!(a.store(CT, &p.sop_instance, &p.dataset).await.unwrap(), 0);
+        // An idle association does not hold up shutdown.
+        assert_eq!(
+            node.stop(),
+            Some(0),
+            "[{}] exit status; log:\n{}",
+            b.name,
+            node.log()
+        );
+        drop(a);
+        node.spawn();
+        assert_eq!(node.stats()["instances"], 1);
+    }
+}
