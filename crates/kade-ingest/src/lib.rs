@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`Ingest`] (this module): the pipeline and the duplicate policy.
+//! - `commit`: group commit of index rows and audit entries from concurrent stores.
 //! - [`incoming`]: [`Incoming`], the bytes of one instance as they arrive, spooled and hashed.
 //! - [`parse`]: parsing and validation of a spooled Part 10 file.
 //! - [`scan`]: a structural check of element lengths before any DICOM library reads the data.
@@ -15,6 +16,7 @@
 //! - The same instance sent twice is stored once; both sends succeed. A *different* object
 //!   with an existing SOP Instance UID is handled by [`DuplicatePolicy`] and audited.
 
+mod commit;
 pub mod incoming;
 pub mod parse;
 pub mod scan;
@@ -23,7 +25,7 @@ use kade_audit::{AuditEvent, EventKind, Outcome};
 use kade_core::{InstanceAttributes, Uid};
 use kade_index::{
     Index, IndexError,
-    write::{self, InsertOutcome, NewInstance},
+    write::{self, InsertOutcome},
 };
 use kade_store::{BlobKey, BlobStore, StoreError};
 
@@ -107,15 +109,21 @@ pub struct Ingest {
     store: BlobStore,
     index: Index,
     policy: DuplicatePolicy,
+    committer: commit::Committer,
 }
 
 impl Ingest {
     /// A pipeline storing into `store` and indexing into `index`.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (the group-commit task is spawned here).
     pub fn new(store: BlobStore, index: Index, policy: DuplicatePolicy) -> Self {
+        let committer = commit::Committer::start(index.clone());
         Ingest {
             store,
             index,
             policy,
+            committer,
         }
     }
 
@@ -203,26 +211,22 @@ impl Ingest {
         };
 
         self.store.put_spooled(&key, spooled).await?;
-        let rec = NewInstance {
-            attrs: a,
-            transfer_syntax_uid: &parsed.transfer_syntax,
-            blob_key: key.as_str(),
+        let rec = commit::Record {
+            attrs: a.clone(),
+            transfer_syntax_uid: parsed.transfer_syntax.clone(),
+            blob_key: key.as_str().to_owned(),
             size_bytes: size,
-            sha256: &sha256,
-            dataset_sha256: &dataset_sha256,
-            source_ae: source.ae_title.as_deref(),
-            source_address: source.address.as_deref(),
-            metadata_json: &parsed.metadata_json,
+            sha256: sha256.clone(),
+            dataset_sha256: dataset_sha256.clone(),
+            metadata_json: parsed.metadata_json,
         };
         let kind = if replacing.is_some() {
             EventKind::InstanceReplaced
         } else {
             EventKind::InstanceStored
         };
-        match self
-            .commit(&rec, replacing.as_ref().map(|e| e.id), source, kind)
-            .await
-        {
+        let replace = replacing.as_ref().map(|e| e.id);
+        match self.committer.commit(rec, replace, source, kind).await {
             Ok(InsertOutcome::Inserted { .. }) => {}
             Ok(InsertOutcome::Exists(e)) => {
                 // Lost a race with a concurrent store of the same SOP Instance UID.
@@ -249,31 +253,6 @@ impl Ingest {
             }
             None => Ok(Stored::New(summary)),
         }
-    }
-
-    async fn commit(
-        &self,
-        rec: &NewInstance<'_>,
-        replace: Option<i64>,
-        source: &Source,
-        kind: EventKind,
-    ) -> Result<InsertOutcome, IngestError> {
-        let mut tx = self.index.begin_write().await?;
-        if let Some(id) = replace {
-            write::delete_instance(&mut tx, id).await?;
-        }
-        let outcome = write::insert_instance(&mut tx, rec).await?;
-        if let InsertOutcome::Exists(_) = outcome {
-            tx.rollback().await.map_err(IndexError::from)?;
-            return Ok(outcome);
-        }
-        kade_audit::append(
-            &mut tx,
-            &event(kind, Outcome::Success, source, Some(rec.attrs)),
-        )
-        .await?;
-        tx.commit().await.map_err(IndexError::from)?;
-        Ok(outcome)
     }
 
     async fn conflict(

@@ -7,15 +7,24 @@ use dicom_dictionary_std::tags;
 use dicom_object::{OpenFileOptions, open_file};
 use kade_core::{InstanceAttributes, json};
 
+use crate::scan;
+
 use crate::IngestError;
 
-/// Instances up to this size are parsed completely, which proves that every element,
-/// pixel data included, is well-formed and complete. Larger ones are parsed up to Pixel Data
-/// only, so that memory stays bounded; [`crate::scan`] has checked their structure already.
+/// Deflated data sets (which the structural scan cannot read) up to this size are parsed
+/// completely, which proves they are complete; larger ones are parsed up to Pixel Data.
 pub const FULL_PARSE_LIMIT: u64 = 32 * 1024 * 1024;
 
+/// What the structural scan found.
+enum Scanned {
+    /// The structure is sound; the top-level Pixel Data element, if any.
+    Checked(Option<scan::PixelData>),
+    /// The data set is deflated and could not be scanned.
+    Deflated,
+}
+
 /// Checks the data set's structure (see [`crate::scan`]) before a DICOM library reads it.
-fn prescan(path: &Path, size: u64) -> Result<(), IngestError> {
+fn prescan(path: &Path, size: u64) -> Result<Scanned, IngestError> {
     let invalid = IngestError::Invalid;
     let mut f = std::fs::File::open(path).map_err(|e| invalid(e.to_string()))?;
     let mut head = vec![0u8; 144];
@@ -36,9 +45,11 @@ fn prescan(path: &Path, size: u64) -> Result<(), IngestError> {
         .map_err(|e| invalid(e.to_string()))?;
     let meta = dicom_object::meta::FileMetaTable::from_reader(&head[128..])
         .map_err(|e| invalid(format!("File Meta group: {e}")))?;
-    match crate::scan::Encoding::of_transfer_syntax(meta.transfer_syntax().trim_end_matches('\0')) {
-        Some(enc) => crate::scan::check(f, meta_end, size, enc).map_err(invalid),
-        None => Ok(()),
+    match scan::Encoding::of_transfer_syntax(meta.transfer_syntax().trim_end_matches('\0')) {
+        Some(enc) => scan::check(f, meta_end, size, enc)
+            .map(Scanned::Checked)
+            .map_err(invalid),
+        None => Ok(Scanned::Deflated),
     }
 }
 
@@ -58,9 +69,10 @@ pub struct Parsed {
 /// # Errors
 /// [`IngestError::Invalid`] when the file is not well-formed DICOM or lacks a required UID.
 pub fn parse(path: &Path, size: u64) -> Result<Parsed, IngestError> {
-    prescan(path, size)?;
+    let scanned = prescan(path, size)?;
     let invalid = |e: &dyn std::fmt::Display| IngestError::Invalid(e.to_string());
-    let (file, pixel_vr) = if size <= FULL_PARSE_LIMIT {
+    let full = matches!(scanned, Scanned::Deflated) && size <= FULL_PARSE_LIMIT;
+    let (file, pixel_vr) = if full {
         let mut file = open_file(path).map_err(|e| invalid(&e))?;
         let vr = file
             .take(tags::PIXEL_DATA)
@@ -73,12 +85,22 @@ pub fn parse(path: &Path, size: u64) -> Result<Parsed, IngestError> {
             .read_until(tags::PIXEL_DATA)
             .open_file(path)
             .map_err(|e| invalid(&e))?;
-        let vr = file.get(tags::ROWS).map(|_| {
+        // The VR the scan saw; implicit VR (and deflated files) fall back to PS3.5 §8.2 rules.
+        let guess = || {
             let bits = file
                 .get(tags::BITS_ALLOCATED)
                 .and_then(|e| e.to_int::<u16>().ok());
             if bits.unwrap_or(8) > 8 { "OW" } else { "OB" }.to_owned()
-        });
+        };
+        let vr = match &scanned {
+            Scanned::Checked(Some(px)) => Some(
+                px.vr
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+                    .unwrap_or_else(guess),
+            ),
+            Scanned::Checked(None) => None,
+            Scanned::Deflated => file.get(tags::ROWS).map(|_| guess()),
+        };
         (file, vr)
     };
     let transfer_syntax = file

@@ -40,17 +40,37 @@ struct Scanner<R> {
     r: BufReader<R>,
     pos: u64,
     len: u64,
+    pixel_data: Option<PixelData>,
 }
 
-/// Checks the data set from byte `start` to the end of `file` (`len` bytes in all).
+/// The top-level Pixel Data element, as the scan saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PixelData {
+    /// Its VR (`OB` or `OW`), when the encoding is explicit.
+    pub vr: Option<[u8; 2]>,
+}
+
+/// Checks the data set from byte `start` to the end of `file` (`len` bytes in all) and
+/// reports the top-level Pixel Data element, if there is one.
 ///
 /// # Errors
 /// A sentence saying which element is wrong and how.
-pub fn check<R: Read + Seek>(file: R, start: u64, len: u64, enc: Encoding) -> Result<(), String> {
+pub fn check<R: Read + Seek>(
+    file: R,
+    start: u64,
+    len: u64,
+    enc: Encoding,
+) -> Result<Option<PixelData>, String> {
     let mut r = BufReader::with_capacity(16 * 1024, file);
     r.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
-    let mut s = Scanner { r, pos: start, len };
-    s.level(None, enc, 0, false)
+    let mut s = Scanner {
+        r,
+        pos: start,
+        len,
+        pixel_data: None,
+    };
+    s.level(None, enc, 0, false)?;
+    Ok(s.pixel_data)
 }
 
 impl<R: Read + Seek> Scanner<R> {
@@ -170,6 +190,9 @@ impl<R: Read + Seek> Scanner<R> {
                     (Some(vr), l)
                 }
             };
+            if depth == 0 && group == 0x7FE0 && elem == 0x0010 {
+                self.pixel_data = Some(PixelData { vr });
+            }
             if l == UNDEFINED {
                 // A sequence, encapsulated pixel data, or a CP-246 UN sequence (implicit VR inside).
                 if vr.as_ref() == Some(b"UN") {
@@ -219,7 +242,7 @@ mod tests {
     }
 
     fn run(b: &[u8], enc: Encoding) -> Result<(), String> {
-        check(Cursor::new(b), 0, b.len() as u64, enc)
+        check(Cursor::new(b), 0, b.len() as u64, enc).map(|_| ())
     }
 
     #[test]
@@ -240,7 +263,8 @@ mod tests {
         ]);
         enc.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 4, 0, 0, 0, 0xFE, 0xFF, 0xDD, 0xE0]);
         enc.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-        assert_eq!(run(&enc, Encoding::ExplicitLe), Ok(()));
+        let px = check(Cursor::new(&enc), 0, enc.len() as u64, Encoding::ExplicitLe).unwrap();
+        assert_eq!(px, Some(PixelData { vr: Some(*b"OB") }));
         bad.extend_from_slice(&[0u8; 16]);
         let err = run(&bad, Encoding::ExplicitLe).unwrap_err();
         assert!(
