@@ -395,3 +395,73 @@ async fn sigterm_stops_the_server_cleanly() {
         assert_eq!(node.stats()["instances"], 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_instances_stream_through_the_spool() {
+    // 1600 x 1600 x 16 bit = 5 MB per instance: above the in-memory limit, so spooled to disk.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = r#gen::CtSpec::small(1, 2);
+    spec.size = 1600;
+    let files: Vec<Part10> = r#gen::ct_study(dir.path(), &spec)
+        .iter()
+        .map(|f| Part10::read(f).unwrap())
+        .collect();
+    assert!(files[0].dataset.len() > kade_ingest::incoming::MEMORY_LIMIT);
+    for b in backends() {
+        let node = Node::start(&b).await;
+        // An aborted large transfer leaves no spool file behind.
+        let mut a = connect(&node).await;
+        a.store_command(CT, &files[0].sop_instance).await.unwrap();
+        let (pc, _) = a.context(CT).unwrap();
+        let part = &files[0].dataset[..4_500_000];
+        for chunk in part.chunks(100_000) {
+            let mut pdv = vec![0x04, 0];
+            pdv.extend_from_slice(&(chunk.len() as u32 + 6).to_be_bytes());
+            pdv.extend_from_slice(&(chunk.len() as u32 + 2).to_be_bytes());
+            pdv.extend_from_slice(&[pc, 0x00]);
+            pdv.extend_from_slice(chunk);
+            a.send_raw(&pdv).await.unwrap();
+        }
+        a.abort().await.unwrap();
+        let mut clean = false;
+        for _ in 0..100 {
+            if node.spool_files().is_empty() {
+                clean = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            clean,
+            "[{}] spool file of an aborted transfer left behind",
+            b.name
+        );
+
+        let mut a = connect(&node).await;
+        for p in &files {
+            assert_eq!(
+                a.store(CT, &p.sop_instance, &p.dataset).await.unwrap(),
+                0,
+                "[{}]",
+                b.name
+            );
+        }
+        a.release().await.unwrap();
+        let index = node.index().await;
+        for p in &files {
+            let row = index
+                .instance(&p.sop_instance)
+                .await
+                .unwrap()
+                .expect("indexed");
+            assert_eq!(
+                dataset_of(&node.blob(&row.blob_key).await),
+                p.dataset,
+                "[{}] large blob differs",
+                b.name
+            );
+        }
+        assert!(node.spool_files().is_empty(), "[{}]", b.name);
+        assert!(node.cli(&["verify"]).status.success());
+    }
+}

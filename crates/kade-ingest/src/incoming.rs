@@ -1,8 +1,10 @@
 //! One instance as it arrives: spooled to disk and hashed on the way.
 
+use bytes::Bytes;
 use dicom_object::meta::FileMetaTableBuilder;
 use kade_core::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, InstanceAttributes, Uid};
-use kade_store::{Spool, SpooledFile};
+use kade_store::{BlobStore, Spool, SpooledFile};
+use sha2::{Digest, Sha256};
 
 use crate::IngestError;
 
@@ -36,17 +38,51 @@ impl Expected {
     }
 }
 
-/// An instance being received. Dropping it discards everything received so far.
+/// Instances up to this size are kept in memory while they arrive and written with one
+/// system call; larger ones are spooled to disk as they arrive, so memory stays bounded.
+pub const MEMORY_LIMIT: usize = 4 * 1024 * 1024;
+
+/// An instance being received, hashed on the way. Dropping it discards everything received.
 #[derive(Debug)]
 pub struct Incoming {
-    spool: Spool,
+    body: Body,
+    len: u64,
+    whole: Sha256,
+    /// The data set after the File Meta group.
+    dataset: Sha256,
     expected: Expected,
+    store: BlobStore,
+}
+
+#[derive(Debug)]
+enum Body {
+    Memory(Vec<u8>),
+    File(Spool),
+}
+
+/// A completely received instance.
+#[derive(Debug)]
+pub(crate) enum Received {
+    /// Small: the bytes.
+    Memory(Bytes),
+    /// Large: a synced spool file.
+    File(SpooledFile),
+}
+
+/// What [`Incoming::finish`] returns.
+#[derive(Debug)]
+pub(crate) struct Complete {
+    pub received: Received,
+    pub len: u64,
+    pub sha256: String,
+    pub dataset_sha256: String,
+    pub expected: Expected,
 }
 
 impl Incoming {
-    /// Starts a Part 10 file for a bare dataset: zero preamble, `DICM`, a File Meta group
-    /// built from `expected`, then the dataset bytes as they arrive.
-    pub(crate) async fn dataset(mut spool: Spool, expected: Expected) -> Result<Self, IngestError> {
+    /// Starts a Part 10 object for a bare data set: zero preamble, `DICM`, a File Meta group
+    /// built from `expected`, then the data set bytes as they arrive.
+    pub(crate) fn dataset(store: BlobStore, expected: Expected) -> Result<Self, IngestError> {
         let meta = FileMetaTableBuilder::new()
             .media_storage_sop_class_uid(expected.sop_class_uid.as_str())
             .media_storage_sop_instance_uid(expected.sop_instance_uid.as_str())
@@ -55,34 +91,65 @@ impl Incoming {
             .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
             .build()
             .map_err(|e| IngestError::Invalid(format!("cannot build File Meta group: {e}")))?;
-        let mut head = vec![0u8; 128];
+        let mut head = Vec::with_capacity(64 * 1024);
+        head.resize(128, 0);
         head.extend_from_slice(b"DICM");
         meta.write(&mut head)
             .map_err(|e| IngestError::Invalid(format!("cannot write File Meta group: {e}")))?;
-        spool.write(&head).await?;
-        spool.start_section();
-        Ok(Incoming { spool, expected })
+        let mut whole = Sha256::new();
+        whole.update(&head);
+        Ok(Incoming {
+            len: head.len() as u64,
+            body: Body::Memory(head),
+            whole,
+            dataset: Sha256::new(),
+            expected,
+            store,
+        })
     }
 
-    /// Appends received bytes.
+    /// Appends received data set bytes.
     ///
     /// # Errors
     /// When the spool cannot be written (disk full).
     pub async fn write(&mut self, buf: &[u8]) -> Result<(), IngestError> {
-        Ok(self.spool.write(buf).await?)
+        self.whole.update(buf);
+        self.dataset.update(buf);
+        self.len += buf.len() as u64;
+        match &mut self.body {
+            Body::Memory(v) if v.len() + buf.len() <= MEMORY_LIMIT => v.extend_from_slice(buf),
+            Body::Memory(v) => {
+                let mut spool = self.store.spool().await?;
+                spool.write(v).await?;
+                spool.write(buf).await?;
+                self.body = Body::File(spool);
+            }
+            Body::File(spool) => spool.write(buf).await?,
+        }
+        Ok(())
     }
 
     /// Bytes received so far, File Meta included.
     pub fn len(&self) -> u64 {
-        self.spool.len()
+        self.len
     }
 
     /// Whether nothing was received.
     pub fn is_empty(&self) -> bool {
-        self.spool.is_empty()
+        self.len == 0
     }
 
-    pub(crate) async fn finish(self) -> Result<(SpooledFile, Expected), IngestError> {
-        Ok((self.spool.finish().await?, self.expected))
+    pub(crate) async fn finish(self) -> Result<Complete, IngestError> {
+        let received = match self.body {
+            Body::Memory(v) => Received::Memory(Bytes::from(v)),
+            Body::File(spool) => Received::File(spool.finish().await?),
+        };
+        Ok(Complete {
+            received,
+            len: self.len,
+            sha256: hex::encode(self.whole.finalize()),
+            dataset_sha256: hex::encode(self.dataset.finalize()),
+            expected: self.expected,
+        })
     }
 }

@@ -142,7 +142,7 @@ impl Ingest {
     /// # Errors
     /// When the spool file cannot be created or written.
     pub async fn begin_dataset(&self, expected: Expected) -> Result<Incoming, IngestError> {
-        Incoming::dataset(self.store.spool().await?, expected).await
+        Incoming::dataset(self.store.clone(), expected)
     }
 
     /// Validates, stores and indexes a completely received instance.
@@ -150,12 +150,22 @@ impl Ingest {
     /// # Errors
     /// See [`IngestError`]; the archive is unchanged on error.
     pub async fn finish(&self, incoming: Incoming, source: &Source) -> Result<Stored, IngestError> {
-        let (spooled, expected) = incoming.finish().await?;
-        let path = spooled.path().to_owned();
-        let size = spooled.len();
-        let parsed = tokio::task::spawn_blocking(move || parse::parse(&path, size))
-            .await
-            .expect("parse task panicked");
+        let incoming::Complete {
+            received,
+            len: size,
+            sha256,
+            dataset_sha256,
+            expected,
+        } = incoming.finish().await?;
+        let (received, parsed) = tokio::task::spawn_blocking(move || {
+            let parsed = match &received {
+                incoming::Received::Memory(b) => parse::parse_bytes(b),
+                incoming::Received::File(f) => parse::parse(f.path(), f.len()),
+            };
+            (received, parsed)
+        })
+        .await
+        .expect("parse task panicked");
         let parsed = match parsed {
             Ok(p) => p,
             Err(e) => {
@@ -175,10 +185,6 @@ impl Ingest {
             study_uid: a.study.study_uid.clone(),
             size,
         };
-        let sha256 = spooled.sha256_hex();
-        let dataset_sha256 = spooled
-            .section_sha256_hex()
-            .unwrap_or_else(|| sha256.clone());
         let key = BlobKey::instance(
             &a.study.study_uid,
             &a.series.series_uid,
@@ -210,7 +216,10 @@ impl Ingest {
             None => None,
         };
 
-        self.store.put_spooled(&key, spooled).await?;
+        match received {
+            incoming::Received::Memory(b) => self.store.put_bytes(&key, b).await?,
+            incoming::Received::File(f) => self.store.put_spooled(&key, f).await?,
+        }
         let rec = commit::Record {
             attrs: a.clone(),
             transfer_syntax_uid: parsed.transfer_syntax.clone(),

@@ -3,8 +3,8 @@
 //!
 //! # Layout
 //! - [`key`]: [`BlobKey`], object keys built from validated UIDs only.
-//! - [`spool`]: [`Spool`], where incoming bytes are staged (and hashed) before they are stored.
-//! - [`BlobStore`] (this module): put a spooled file durably, read, list, delete.
+//! - [`spool`]: [`Spool`], where large incoming objects are staged before they are stored.
+//! - [`BlobStore`] (this module): put bytes or a spooled file durably, read, list, delete.
 //!
 //! # Durability
 //! [`BlobStore::put_spooled`] returns only once the blob would survive a power cut: on the
@@ -190,6 +190,31 @@ impl BlobStore {
                     .expect("persist task panicked")
             }
             None => self.upload(key, file).await,
+        }
+    }
+
+    /// Stores `bytes` under `key`, durably (local: written, fsynced and renamed into place in
+    /// one blocking task; S3: one PUT).
+    ///
+    /// # Errors
+    /// When writing or uploading fails; the blob is then absent.
+    pub async fn put_bytes(&self, key: &BlobKey, bytes: Bytes) -> Result<(), StoreError> {
+        match &self.local_root {
+            Some(root) => {
+                let dest = root.join(key.as_str());
+                let (root, spool) = (root.clone(), self.spool_dir.clone());
+                tokio::task::spawn_blocking(move || {
+                    spool::write_local(&bytes, &spool, &root, &dest)
+                })
+                .await
+                .expect("write task panicked")
+            }
+            None => {
+                self.store
+                    .put(&ObjPath::from(key.as_str()), PutPayload::from(bytes))
+                    .await?;
+                Ok(())
+            }
         }
     }
 

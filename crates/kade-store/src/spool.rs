@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncWriteExt, BufWriter};
 
 use crate::StoreError;
@@ -13,30 +12,19 @@ use crate::StoreError;
 pub struct Spool {
     file: BufWriter<tokio::fs::File>,
     guard: SpooledFile,
-    whole: Sha256,
-    /// Hashes the bytes after [`Spool::start_section`] (for DICOM: the dataset after the meta).
-    section: Option<Sha256>,
 }
 
-/// A complete spool file: its bytes are on disk (fsynced) and their digests known.
-/// Dropping it deletes the file.
+/// A complete spool file, its bytes on disk (fsynced). Dropping it deletes the file.
 #[derive(Debug)]
 pub struct SpooledFile {
     path: PathBuf,
     len: u64,
-    sha256: [u8; 32],
-    section_sha256: Option<[u8; 32]>,
     keep: bool,
 }
 
 impl Spool {
     pub(crate) async fn create(dir: &Path) -> Result<Self, StoreError> {
-        let name = format!(
-            "in-{:016x}{:016x}.part",
-            rand::random::<u64>(),
-            rand::random::<u64>()
-        );
-        let path = dir.join(name);
+        let path = dir.join(temp_name());
         let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -44,22 +32,13 @@ impl Spool {
             .await
             .map_err(|e| StoreError::io("create", &path, e))?;
         Ok(Spool {
-            file: BufWriter::with_capacity(256 * 1024, file),
+            file: BufWriter::with_capacity(1024 * 1024, file),
             guard: SpooledFile {
                 path,
                 len: 0,
-                sha256: [0; 32],
-                section_sha256: None,
                 keep: false,
             },
-            whole: Sha256::new(),
-            section: None,
         })
-    }
-
-    /// From now on, also hash what is written into a second digest.
-    pub fn start_section(&mut self) {
-        self.section = Some(Sha256::new());
     }
 
     /// Appends bytes.
@@ -67,10 +46,6 @@ impl Spool {
     /// # Errors
     /// When the write fails (for example, the disk is full).
     pub async fn write(&mut self, buf: &[u8]) -> Result<(), StoreError> {
-        self.whole.update(buf);
-        if let Some(s) = &mut self.section {
-            s.update(buf);
-        }
         self.guard.len += buf.len() as u64;
         self.file
             .write_all(buf)
@@ -88,7 +63,7 @@ impl Spool {
         self.guard.len == 0
     }
 
-    /// Flushes and fsyncs the file and returns it with its digests.
+    /// Flushes and fsyncs the file.
     ///
     /// # Errors
     /// When flushing or syncing fails.
@@ -103,20 +78,21 @@ impl Spool {
             .sync_all()
             .await
             .map_err(|e| StoreError::io("fsync", &path, e))?;
-        let mut done = std::mem::replace(
-            &mut self.guard,
-            SpooledFile {
-                path: PathBuf::new(),
-                len: 0,
-                sha256: [0; 32],
-                section_sha256: None,
-                keep: true,
-            },
-        );
-        done.sha256 = self.whole.finalize_reset().into();
-        done.section_sha256 = self.section.take().map(|s| s.finalize().into());
-        Ok(done)
+        let empty = SpooledFile {
+            path: PathBuf::new(),
+            len: 0,
+            keep: true,
+        };
+        Ok(std::mem::replace(&mut self.guard, empty))
     }
+}
+
+fn temp_name() -> String {
+    format!(
+        "in-{:016x}{:016x}.part",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
 }
 
 impl SpooledFile {
@@ -134,16 +110,6 @@ impl SpooledFile {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// SHA-256 of the whole file, lowercase hex.
-    pub fn sha256_hex(&self) -> String {
-        hex::encode(self.sha256)
-    }
-
-    /// SHA-256 of the bytes after [`Spool::start_section`], if a section was started.
-    pub fn section_sha256_hex(&self) -> Option<String> {
-        self.section_sha256.map(hex::encode)
-    }
 }
 
 impl Drop for SpooledFile {
@@ -152,6 +118,30 @@ impl Drop for SpooledFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Writes `bytes` to a new file in `spool_dir`, fsyncs it and moves it to `dest` (blocking).
+pub(crate) fn write_local(
+    bytes: &[u8],
+    spool_dir: &Path,
+    root: &Path,
+    dest: &Path,
+) -> Result<(), StoreError> {
+    let path = spool_dir.join(temp_name());
+    let file = SpooledFile {
+        path: path.clone(),
+        len: bytes.len() as u64,
+        keep: false,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| StoreError::io("create", &path, e))?;
+    std::io::Write::write_all(&mut f, bytes).map_err(|e| StoreError::io("write", &path, e))?;
+    f.sync_all()
+        .map_err(|e| StoreError::io("fsync", &path, e))?;
+    persist_local(file, root, dest)
 }
 
 /// Moves a synced spool file to `dest` under `root` and fsyncs every directory that changed.
