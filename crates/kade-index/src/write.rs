@@ -60,15 +60,64 @@ pub enum InsertOutcome {
 pub async fn insert_instance(
     tx: &mut AnyConnection,
     rec: &NewInstance<'_>,
-) -> Result<InsertOutcome, IndexError> {
+) -> Result<(InsertOutcome, Placement), IndexError> {
     let a = rec.attrs;
-    if let Some(existing) = find_instance(tx, a.sop_instance_uid.as_str()).await? {
-        return Ok(InsertOutcome::Exists(existing));
-    }
     let now = crate::now();
     let patient = upsert_patient(tx, a, &now).await?;
     let (study, modalities) = upsert_study(tx, a, patient, &now).await?;
     let (series, new_series) = upsert_series(tx, a, study, &now).await?;
+    let placement = Placement { study, series };
+    let modalities = add_modality(&modalities, a.series.modality.as_deref());
+    let update = StudyUpdate {
+        new_series,
+        modalities: Some(modalities),
+    };
+    let outcome = insert_placed(tx, rec, placement, update, &now).await?;
+    Ok((outcome, placement))
+}
+
+/// Where an instance's series and study rows are, as [`insert_instance`] found or made them.
+/// A caller that keeps this for a series it sees again can skip the lookups with
+/// [`insert_into_series`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// Study row id.
+    pub study: i64,
+    /// Series row id.
+    pub series: i64,
+}
+
+struct StudyUpdate {
+    new_series: bool,
+    /// ModalitiesInStudy to set, when it may have changed.
+    modalities: Option<String>,
+}
+
+/// Inserts an instance into a series whose rows exist already (see [`Placement`]).
+///
+/// # Errors
+/// Database errors, including a foreign-key violation when the placement is stale.
+pub async fn insert_into_series(
+    tx: &mut AnyConnection,
+    rec: &NewInstance<'_>,
+    placement: Placement,
+) -> Result<InsertOutcome, IndexError> {
+    let update = StudyUpdate {
+        new_series: false,
+        modalities: None,
+    };
+    insert_placed(tx, rec, placement, update, &crate::now()).await
+}
+
+async fn insert_placed(
+    tx: &mut AnyConnection,
+    rec: &NewInstance<'_>,
+    placement: Placement,
+    update: StudyUpdate,
+    now: &str,
+) -> Result<InsertOutcome, IndexError> {
+    let a = rec.attrs;
+    let Placement { study, series } = placement;
 
     let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO instances (sop_uid, series_fk, sop_class_uid, instance_number, pixel_rows, \
@@ -92,7 +141,7 @@ pub async fn insert_instance(
     .bind(rec.size_bytes as i64)
     .bind(rec.sha256)
     .bind(rec.dataset_sha256)
-    .bind(&now)
+    .bind(now)
     .bind(rec.source_ae)
     .bind(rec.source_address)
     .fetch_optional(&mut *tx)
@@ -116,19 +165,19 @@ pub async fn insert_instance(
          updated_at = $2 WHERE id = $3",
     )
     .bind(size)
-    .bind(&now)
+    .bind(now)
     .bind(series)
     .execute(&mut *tx)
     .await?;
-    let modalities = add_modality(&modalities, a.series.modality.as_deref());
     sqlx::query(
         "UPDATE studies SET num_instances = num_instances + 1, size_bytes = size_bytes + $1, \
-         num_series = num_series + $2, modalities = $3, updated_at = $4 WHERE id = $5",
+         num_series = num_series + $2, modalities = COALESCE($3, modalities), updated_at = $4 \
+         WHERE id = $5",
     )
     .bind(size)
-    .bind(i64::from(new_series))
-    .bind(modalities)
-    .bind(&now)
+    .bind(i64::from(update.new_series))
+    .bind(update.modalities)
+    .bind(now)
     .bind(study)
     .execute(&mut *tx)
     .await?;

@@ -5,9 +5,11 @@
 
 use kade_audit::{EventKind, Outcome};
 use kade_core::InstanceAttributes;
+use std::collections::HashMap;
+
 use kade_index::{
     Index, IndexError,
-    write::{self, InsertOutcome, NewInstance},
+    write::{self, InsertOutcome, NewInstance, Placement},
 };
 use sqlx::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -76,7 +78,15 @@ fn stopped() -> IngestError {
     IngestError::Index(IndexError::Db(sqlx::Error::PoolClosed))
 }
 
+/// Series seen recently, so that their patient/study/series rows need no lookup. Row ids are
+/// never reused by either database, so a stale entry can only fail (foreign key), never
+/// misfile; such a failure clears the entry and the instance is retried with lookups.
+type SeriesCache = HashMap<String, Placement>;
+
+const SERIES_CACHE_MAX: usize = 10_000;
+
 async fn run(index: Index, mut rx: mpsc::Receiver<Job>) {
+    let mut cache = SeriesCache::new();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -85,11 +95,14 @@ async fn run(index: Index, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        commit_batch(&index, batch).await;
+        if cache.len() > SERIES_CACHE_MAX {
+            cache.clear();
+        }
+        commit_batch(&index, batch, &mut cache).await;
     }
 }
 
-async fn commit_batch(index: &Index, batch: Vec<Job>) {
+async fn commit_batch(index: &Index, batch: Vec<Job>, cache: &mut SeriesCache) {
     let n = batch.len();
     let mut tx = match index.begin_write().await {
         Ok(tx) => tx,
@@ -97,9 +110,23 @@ async fn commit_batch(index: &Index, batch: Vec<Job>) {
     };
     let mut results = Vec::with_capacity(n);
     for job in &batch {
-        results.push(one(&mut tx, job).await);
+        if job.replace.is_some() {
+            cache.clear(); // a replacement may remove emptied series and study rows
+        }
+        let r = match one(&mut tx, job, cache).await {
+            Err(_)
+                if cache
+                    .remove(job.rec.attrs.series.series_uid.as_str())
+                    .is_some() =>
+            {
+                one(&mut tx, job, cache).await
+            }
+            r => r,
+        };
+        results.push(r);
     }
     if let Err(e) = tx.commit().await {
+        cache.clear();
         return fail_all(batch, &e.to_string());
     }
     if n > 1 {
@@ -111,7 +138,11 @@ async fn commit_batch(index: &Index, batch: Vec<Job>) {
 }
 
 /// One instance inside its own savepoint.
-async fn one(tx: &mut kade_index::WriteTx, job: &Job) -> Result<InsertOutcome, IngestError> {
+async fn one(
+    tx: &mut kade_index::WriteTx,
+    job: &Job,
+    cache: &mut SeriesCache,
+) -> Result<InsertOutcome, IngestError> {
     let mut sp = (&mut **tx).begin().await.map_err(IndexError::from)?;
     let r = &job.rec;
     let rec = NewInstance {
@@ -129,7 +160,15 @@ async fn one(tx: &mut kade_index::WriteTx, job: &Job) -> Result<InsertOutcome, I
         if let Some(id) = job.replace {
             write::delete_instance(&mut sp, id).await?;
         }
-        let outcome = write::insert_instance(&mut sp, &rec).await?;
+        let series_uid = r.attrs.series.series_uid.as_str();
+        let outcome = match cache.get(series_uid) {
+            Some(p) => write::insert_into_series(&mut sp, &rec, *p).await?,
+            None => {
+                let (outcome, placement) = write::insert_instance(&mut sp, &rec).await?;
+                cache.insert(series_uid.to_owned(), placement);
+                outcome
+            }
+        };
         if let InsertOutcome::Inserted { .. } = outcome {
             let ev = event(job.kind, Outcome::Success, &job.source, Some(&r.attrs));
             kade_audit::append(&mut sp, &ev).await?;

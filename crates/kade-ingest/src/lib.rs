@@ -157,6 +157,7 @@ impl Ingest {
             dataset_sha256,
             expected,
         } = incoming.finish().await?;
+        let t0 = std::time::Instant::now();
         let (received, parsed) = tokio::task::spawn_blocking(move || {
             let parsed = match &received {
                 incoming::Received::Memory(b) => parse::parse_bytes(b),
@@ -216,10 +217,12 @@ impl Ingest {
             None => None,
         };
 
+        let t_parsed = t0.elapsed();
         match received {
             incoming::Received::Memory(b) => self.store.put_bytes(&key, b).await?,
             incoming::Received::File(f) => self.store.put_spooled(&key, f).await?,
         }
+        let t_stored = t0.elapsed();
         let rec = commit::Record {
             attrs: a.clone(),
             transfer_syntax_uid: parsed.transfer_syntax.clone(),
@@ -260,7 +263,16 @@ impl Ingest {
                 }
                 Ok(Stored::Replaced(summary))
             }
-            None => Ok(Stored::New(summary)),
+            None => {
+                tracing::debug!(
+                    sop = %summary.sop_instance_uid,
+                    parse_us = t_parsed.as_micros() as u64,
+                    store_us = (t_stored - t_parsed).as_micros() as u64,
+                    index_us = (t0.elapsed() - t_stored).as_micros() as u64,
+                    "instance ingested"
+                );
+                Ok(Stored::New(summary))
+            }
         }
     }
 
