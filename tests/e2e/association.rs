@@ -101,3 +101,54 @@ async fn a_peer_without_store_permission_cannot_store() {
         assert_eq!(node.stats()["instances"], 1, "[{}]", b.name);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn association_limit_and_timeouts_are_enforced() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+
+    use kade_dimse::scu::{ScuAssociation, ScuError};
+
+    let b = &backends()[0];
+    // A node allowing one association at a time and 1 s from connect to association request.
+    let node =
+        Node::start_with_dicom(b, "max_associations = 1\nestablish_timeout_secs = 1\n").await;
+    let verification = vec![(
+        kade_dimse::VERIFICATION.to_string(),
+        vec!["1.2.840.10008.1.2".to_string()],
+    )];
+    let mut first = ScuAssociation::connect(node.addr(), "STORESCU", "KADE", &verification)
+        .await
+        .unwrap();
+    assert_eq!(first.echo().await.unwrap(), 0);
+    // The second is refused as transient (local limit exceeded), so the peer retries later.
+    match ScuAssociation::connect(node.addr(), "STORESCU", "KADE", &verification).await {
+        Err(ScuError::Rejected(rj)) => {
+            assert_eq!(format!("{:?}", rj.result), "Transient");
+            assert!(
+                format!("{:?}", rj.source).contains("LocalLimitExceeded"),
+                "{rj:?}"
+            );
+        }
+        other => panic!("second association not refused: {other:?}"),
+    }
+    first.release().await.unwrap();
+    // Once released, the slot is free again.
+    let again = ScuAssociation::connect(node.addr(), "STORESCU", "KADE", &verification)
+        .await
+        .unwrap();
+    again.release().await.unwrap();
+
+    // A connection that never sends an association request is closed after the timeout.
+    let mut idle = std::net::TcpStream::connect(node.addr()).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t = Instant::now();
+    let n = idle.read(&mut [0u8; 16]).unwrap_or(0);
+    assert_eq!(n, 0, "expected the server to close the idle connection");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "idle connection held for {:?}",
+        t.elapsed()
+    );
+}

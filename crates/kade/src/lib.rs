@@ -41,6 +41,7 @@ fn init_logging(log: &config::LogConfig, serving: bool) {
     let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if log.format == "json" {
         builder.json().init();

@@ -112,15 +112,24 @@ impl Node {
         Self::start_with(backend, "").await
     }
 
+    /// Starts a node with extra keys in its `[dicom]` table.
+    pub async fn start_with_dicom(backend: &Backend, dicom: &str) -> Node {
+        Self::build(backend, dicom, "").await
+    }
+
     /// Starts a node; `extra` is TOML appended to the configuration (e.g. an `[ingest]` table).
     pub async fn start_with(backend: &Backend, extra: &str) -> Node {
+        Self::build(backend, "", extra).await
+    }
+
+    async fn build(backend: &Backend, dicom: &str, extra: &str) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("kade-e2e-")
             .tempdir()
             .unwrap();
         let data = dir.path().join("data");
         let mut toml = format!(
-            "data_dir = {data:?}\n[dicom]\nae_title = \"KADE\"\nbind = \"127.0.0.1\"\nport = 0\nread_timeout_secs = 20\n{PEERS}\n"
+            "data_dir = {data:?}\n[dicom]\nae_title = \"KADE\"\nbind = \"127.0.0.1\"\nport = 0\nread_timeout_secs = 20\n{dicom}{PEERS}\n"
         );
         let index_url = match &backend.pg_base {
             Some(base) => {
