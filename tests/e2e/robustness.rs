@@ -210,28 +210,16 @@ async fn abort_mid_transfer_leaves_no_trace() {
         let ct = pydicom("CT_small.dcm");
         let mut a = connect(&node).await;
         a.store_command(CT, &ct.sop_instance).await.unwrap();
-        let (pc, _) = a.context(CT).unwrap();
         // Half of the data set, not flagged last, then A-ABORT.
-        let half = &ct.dataset[..ct.dataset.len() / 2];
-        let mut pdv = Vec::new();
-        pdv.extend_from_slice(&[0x04, 0]);
-        pdv.extend_from_slice(&(half.len() as u32 + 6).to_be_bytes());
-        pdv.extend_from_slice(&(half.len() as u32 + 2).to_be_bytes());
-        pdv.extend_from_slice(&[pc, 0x00]);
-        pdv.extend_from_slice(half);
-        a.send_raw(&pdv).await.unwrap();
+        send_unfinished(&mut a, &ct.dataset[..ct.dataset.len() / 2]).await;
         a.abort().await.unwrap();
 
         // The dropped connection is noticed and everything received is discarded.
-        let mut clean = false;
-        for _ in 0..100 {
-            if node.spool_files().is_empty() {
-                clean = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(clean, "[{}] spool file left behind", b.name);
+        assert!(
+            spool_empties(&node).await,
+            "[{}] spool file left behind",
+            b.name
+        );
         assert_eq!(node.stats()["instances"], 0, "[{}]", b.name);
         if b.s3.is_none() {
             assert!(
@@ -412,27 +400,10 @@ async fn large_instances_stream_through_the_spool() {
         // An aborted large transfer leaves no spool file behind.
         let mut a = connect(&node).await;
         a.store_command(CT, &files[0].sop_instance).await.unwrap();
-        let (pc, _) = a.context(CT).unwrap();
-        let part = &files[0].dataset[..4_500_000];
-        for chunk in part.chunks(100_000) {
-            let mut pdv = vec![0x04, 0];
-            pdv.extend_from_slice(&(chunk.len() as u32 + 6).to_be_bytes());
-            pdv.extend_from_slice(&(chunk.len() as u32 + 2).to_be_bytes());
-            pdv.extend_from_slice(&[pc, 0x00]);
-            pdv.extend_from_slice(chunk);
-            a.send_raw(&pdv).await.unwrap();
-        }
+        send_unfinished(&mut a, &files[0].dataset[..4_500_000]).await;
         a.abort().await.unwrap();
-        let mut clean = false;
-        for _ in 0..100 {
-            if node.spool_files().is_empty() {
-                clean = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         assert!(
-            clean,
+            spool_empties(&node).await,
             "[{}] spool file of an aborted transfer left behind",
             b.name
         );
@@ -464,4 +435,28 @@ async fn large_instances_stream_through_the_spool() {
         assert!(node.spool_files().is_empty(), "[{}]", b.name);
         assert!(node.cli(&["verify"]).status.success());
     }
+}
+
+/// Sends `data` as C-STORE data set fragments of 100 kB, none flagged last.
+async fn send_unfinished(a: &mut ScuAssociation, data: &[u8]) {
+    let (pc, _) = a.context(CT).unwrap();
+    for chunk in data.chunks(100_000) {
+        let mut pdu = vec![0x04, 0];
+        pdu.extend_from_slice(&(chunk.len() as u32 + 6).to_be_bytes());
+        pdu.extend_from_slice(&(chunk.len() as u32 + 2).to_be_bytes());
+        pdu.extend_from_slice(&[pc, 0x00]);
+        pdu.extend_from_slice(chunk);
+        a.send_raw(&pdu).await.unwrap();
+    }
+}
+
+/// Whether the spool directory becomes empty within 5 s.
+async fn spool_empties(node: &Node) -> bool {
+    for _ in 0..100 {
+        if node.spool_files().is_empty() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }

@@ -143,7 +143,7 @@ async fn one(
     job: &Job,
     cache: &mut SeriesCache,
 ) -> Result<InsertOutcome, IngestError> {
-    let mut sp = (&mut **tx).begin().await.map_err(IndexError::from)?;
+    let mut sp = (**tx).begin().await.map_err(IndexError::from)?;
     let r = &job.rec;
     let rec = NewInstance {
         attrs: &r.attrs,
