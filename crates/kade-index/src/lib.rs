@@ -7,6 +7,7 @@
 //!   ingest path can add its audit entry to the same commit.
 //! - [`read`]: statistics, lookups and the blob inventory used by `kade verify` and `kade fsck`.
 //! - [`peers`]: the DIMSE peer table behind `kade peer add/list/remove`.
+//! - [`query`]: the query model shared by QIDO-RS and C-FIND (matching per PS3.4 C.2.2.2).
 //!
 //! # Backends
 //! Both backends run the same SQL (`$1` placeholders, `ON CONFLICT`, `RETURNING`); only the
@@ -15,6 +16,7 @@
 //! separate read pool; PostgreSQL uses one pool for both.
 
 pub mod peers;
+pub mod query;
 pub mod read;
 pub mod write;
 
@@ -189,6 +191,9 @@ fn sqlite_pool(max: u32) -> AnyPoolOptions {
             })
         })
 }
+
+/// The form of a person name used for case-insensitive matching (Unicode upper case).
+pub use kade_core::attrs::search_key;
 
 /// The current time as stored in the index: RFC 3339 UTC with microseconds.
 pub fn now() -> String {

@@ -1,0 +1,307 @@
+//! The query model shared by QIDO-RS and C-FIND ("one query model, two front ends"):
+//! attribute matching per PS3.4 §C.2.2.2, translated to SQL that runs unchanged on SQLite and
+//! PostgreSQL.
+//!
+//! Matching kinds: universal (empty value or `*`), single value, wildcard (`*` any run, `?`
+//! exactly one character, also a non-ASCII one), UID list (`\`-separated), and date range
+//! (`A-B`, `-B`, `A-`). Person names match case-insensitively through their upper-case search
+//! key; every other attribute matches case-sensitively.
+
+use sqlx::Row;
+
+use crate::{Index, IndexError};
+
+/// How a value is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A person name: case-insensitive, wildcards allowed.
+    PersonName,
+    /// A string: case-sensitive, wildcards allowed.
+    Text,
+    /// A date (DA): single value or range.
+    Date,
+    /// A UID: single value or `\`-separated list, no wildcards.
+    Uid,
+}
+
+/// Study-level matching keys (PS3.18 Table 10.6.1-5, PS3.4 C.6.1.1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StudyKey {
+    /// PatientName (0010,0010).
+    PatientName,
+    /// PatientID (0010,0020).
+    PatientId,
+    /// StudyDate (0008,0020).
+    StudyDate,
+    /// AccessionNumber (0008,0050).
+    AccessionNumber,
+    /// StudyInstanceUID (0020,000D).
+    StudyInstanceUid,
+    /// ModalitiesInStudy (0008,0061): matches if any series has the modality.
+    ModalitiesInStudy,
+    /// ReferringPhysicianName (0008,0090).
+    ReferringPhysicianName,
+    /// StudyID (0020,0010).
+    StudyId,
+}
+
+impl StudyKey {
+    fn column(self) -> (&'static str, Kind) {
+        match self {
+            StudyKey::PatientName => ("p.name_search", Kind::PersonName),
+            StudyKey::PatientId => ("p.patient_id", Kind::Text),
+            StudyKey::StudyDate => ("st.study_date", Kind::Date),
+            StudyKey::AccessionNumber => ("st.accession_number", Kind::Text),
+            StudyKey::StudyInstanceUid => ("st.study_uid", Kind::Uid),
+            StudyKey::ModalitiesInStudy => ("se.modality", Kind::Text),
+            StudyKey::ReferringPhysicianName => ("st.referring_physician_search", Kind::PersonName),
+            StudyKey::StudyId => ("st.study_id", Kind::Text),
+        }
+    }
+}
+
+/// A study-level query.
+#[derive(Debug, Clone, Default)]
+pub struct StudyQuery {
+    /// Matching keys with their (already percent-decoded) values.
+    pub matches: Vec<(StudyKey, String)>,
+    /// At most this many results (None: no limit).
+    pub limit: Option<i64>,
+    /// Skip this many results.
+    pub offset: i64,
+}
+
+/// A matching study with the attributes QIDO-RS and C-FIND return at study level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StudyRow {
+    /// Study Instance UID.
+    pub study_uid: String,
+    /// Study Date.
+    pub study_date: Option<String>,
+    /// Study Time.
+    pub study_time: Option<String>,
+    /// Accession Number.
+    pub accession_number: Option<String>,
+    /// Study Description.
+    pub description: Option<String>,
+    /// Study ID.
+    pub study_id: Option<String>,
+    /// Referring Physician's Name.
+    pub referring_physician: Option<String>,
+    /// Modalities in Study, `\`-separated.
+    pub modalities: String,
+    /// Number of Study Related Series.
+    pub num_series: i64,
+    /// Number of Study Related Instances.
+    pub num_instances: i64,
+    /// Patient ID.
+    pub patient_id: String,
+    /// Issuer of Patient ID.
+    pub issuer: String,
+    /// Patient's Name.
+    pub patient_name: Option<String>,
+    /// Patient's Birth Date.
+    pub birth_date: Option<String>,
+    /// Patient's Sex.
+    pub sex: Option<String>,
+}
+
+/// A query value that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value {value:?} for {key}: {why}")]
+pub struct QueryError {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: String,
+    /// What is wrong.
+    pub why: &'static str,
+}
+
+/// SQL conditions with their parameters.
+#[derive(Debug, Default)]
+struct Sql {
+    conds: Vec<String>,
+    params: Vec<String>,
+}
+
+impl Sql {
+    fn param(&mut self, v: String) -> String {
+        self.params.push(v);
+        format!("${}", self.params.len())
+    }
+
+    /// Adds the condition for `col` (of `kind`) matching `value`; `None` when universal.
+    fn add(
+        &mut self,
+        key: StudyKey,
+        col: &str,
+        kind: Kind,
+        value: &str,
+    ) -> Result<Option<String>, QueryError> {
+        let bad = |why| QueryError {
+            key: format!("{key:?}"),
+            value: value.to_owned(),
+            why,
+        };
+        let v = value.trim();
+        if v.is_empty() || v == "*" {
+            return Ok(None);
+        }
+        Ok(Some(match kind {
+            Kind::Uid => {
+                let uids: Vec<&str> = v
+                    .split('\\')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .collect();
+                if uids
+                    .iter()
+                    .any(|u| !u.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+                {
+                    return Err(bad("a UID has only digits and dots"));
+                }
+                let ps: Vec<String> = uids.iter().map(|u| self.param((*u).to_owned())).collect();
+                format!("{col} IN ({})", ps.join(", "))
+            }
+            Kind::Date => match v.split_once('-') {
+                Some((from, to)) => {
+                    let ok = |d: &str| {
+                        d.is_empty() || (d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit()))
+                    };
+                    if !ok(from) || !ok(to) || (from.is_empty() && to.is_empty()) {
+                        return Err(bad(
+                            "a date range is YYYYMMDD-YYYYMMDD, -YYYYMMDD or YYYYMMDD-",
+                        ));
+                    }
+                    let mut c = Vec::new();
+                    if !from.is_empty() {
+                        c.push(format!("{col} >= {}", self.param(from.to_owned())));
+                    }
+                    if !to.is_empty() {
+                        c.push(format!("{col} <= {}", self.param(to.to_owned())));
+                    }
+                    c.join(" AND ")
+                }
+                None => {
+                    if v.len() != 8 || !v.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err(bad("a date is YYYYMMDD"));
+                    }
+                    format!("{col} = {}", self.param(v.to_owned()))
+                }
+            },
+            Kind::PersonName | Kind::Text => {
+                let v = if kind == Kind::PersonName {
+                    crate::search_key(v)
+                } else {
+                    v.to_owned()
+                };
+                if v.contains(['*', '?']) {
+                    format!("{col} LIKE {} ESCAPE '\\'", self.param(like_pattern(&v)))
+                } else {
+                    format!("{col} = {}", self.param(v))
+                }
+            }
+        }))
+    }
+}
+
+/// DICOM wildcards to a LIKE pattern with `\` as the escape character.
+fn like_pattern(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 4);
+    for c in v.chars() {
+        match c {
+            '*' => out.push('%'),
+            '?' => out.push('_'),
+            '%' | '_' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl Index {
+    /// Studies matching `q`, ordered by study date (newest first), then Study Instance UID.
+    ///
+    /// # Errors
+    /// [`QueryError`] (wrapped in `Ok(Err)`) for unusable values; database errors otherwise.
+    pub async fn find_studies(
+        &self,
+        q: &StudyQuery,
+    ) -> Result<Result<Vec<StudyRow>, QueryError>, IndexError> {
+        let mut sql = Sql::default();
+        for (key, value) in &q.matches {
+            let (col, kind) = key.column();
+            let cond = match sql.add(*key, col, kind, value) {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            };
+            if let Some(c) = cond {
+                let c = if *key == StudyKey::ModalitiesInStudy {
+                    format!("EXISTS (SELECT 1 FROM series se WHERE se.study_fk = st.id AND {c})")
+                } else {
+                    c
+                };
+                sql.conds.push(c);
+            }
+        }
+        let mut text = String::from(
+            "SELECT st.study_uid, st.study_date, st.study_time, st.accession_number, st.description, \
+             st.study_id, st.referring_physician, st.modalities, st.num_series, st.num_instances, \
+             p.patient_id, p.issuer, p.name, p.birth_date, p.sex \
+             FROM studies st JOIN patients p ON p.id = st.patient_fk",
+        );
+        if !sql.conds.is_empty() {
+            text.push_str(" WHERE ");
+            text.push_str(&sql.conds.join(" AND "));
+        }
+        // Integers from our own types, not request text: safe to inline.
+        let limit = q.limit.unwrap_or(i64::MAX).max(0);
+        text.push_str(&format!(
+            " ORDER BY st.study_date DESC, st.study_uid LIMIT {limit} OFFSET {}",
+            q.offset.max(0)
+        ));
+        let mut query = sqlx::query(&text);
+        for p in &sql.params {
+            query = query.bind(p.as_str());
+        }
+        let rows = query.fetch_all(self.read_pool()).await?;
+        let out = rows
+            .iter()
+            .map(|r| {
+                Ok(StudyRow {
+                    study_uid: r.try_get(0)?,
+                    study_date: r.try_get(1)?,
+                    study_time: r.try_get(2)?,
+                    accession_number: r.try_get(3)?,
+                    description: r.try_get(4)?,
+                    study_id: r.try_get(5)?,
+                    referring_physician: r.try_get(6)?,
+                    modalities: r.try_get(7)?,
+                    num_series: r.try_get(8)?,
+                    num_instances: r.try_get(9)?,
+                    patient_id: r.try_get(10)?,
+                    issuer: r.try_get(11)?,
+                    patient_name: r.try_get(12)?,
+                    birth_date: r.try_get(13)?,
+                    sex: r.try_get(14)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Ok(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_become_escaped_like_patterns() {
+        assert_eq!(like_pattern("M?LLER*"), "M_LLER%");
+        assert_eq!(like_pattern("50%_off\\x*"), "50\\%\\_off\\\\x%");
+    }
+}

@@ -1,0 +1,250 @@
+//! The shared query model on SQLite, and on PostgreSQL when KADE_TEST_PG_URL is set.
+
+use kade_core::{InstanceAttributes, PatientAttributes, SeriesAttributes, StudyAttributes, Uid};
+use kade_index::{
+    Index,
+    query::{StudyKey, StudyQuery},
+    write::{NewInstance, insert_instance},
+};
+use sqlx::Connection;
+
+struct Study<'a> {
+    uid: &'a str,
+    patient_id: &'a str,
+    name: &'a str,
+    date: &'a str,
+    accession: &'a str,
+    modalities: &'a [&'a str],
+}
+
+const STUDIES: &[Study] = &[
+    Study {
+        uid: "1.1",
+        patient_id: "ABC1",
+        name: "Müller^Jürgen",
+        date: "20200315",
+        accession: "A_1",
+        modalities: &["CT"],
+    },
+    Study {
+        uid: "1.2",
+        patient_id: "abc2",
+        name: "müller^anna",
+        date: "20201231",
+        accession: "AB1",
+        modalities: &["MR", "SR"],
+    },
+    Study {
+        uid: "1.3",
+        patient_id: "X3",
+        name: "Smith^John",
+        date: "20191231",
+        accession: "ACC3",
+        modalities: &["MR"],
+    },
+    Study {
+        uid: "1.4",
+        patient_id: "X4",
+        name: "Mueller^Hans",
+        date: "20210101",
+        accession: "ACC4",
+        modalities: &["CT"],
+    },
+];
+
+fn attrs(s: &Study, series: usize, modality: &str) -> InstanceAttributes {
+    let u = |x: String| Uid::new(&x).unwrap();
+    InstanceAttributes {
+        patient: PatientAttributes {
+            patient_id: s.patient_id.into(),
+            issuer: None,
+            name: Some(s.name.into()),
+            birth_date: None,
+            sex: None,
+        },
+        study: StudyAttributes {
+            study_uid: u(s.uid.into()),
+            date: Some(s.date.into()),
+            time: None,
+            accession_number: Some(s.accession.into()),
+            referring_physician: None,
+            description: None,
+            study_id: None,
+            timezone_offset: None,
+        },
+        series: SeriesAttributes {
+            series_uid: u(format!("{}.{series}", s.uid)),
+            modality: Some(modality.into()),
+            number: Some(series as i64),
+            description: None,
+            body_part: None,
+            pps_start_date: None,
+            pps_start_time: None,
+        },
+        sop_class_uid: u("1.2.840.10008.5.1.4.1.1.2".into()),
+        sop_instance_uid: u(format!("{}.{series}.1", s.uid)),
+        instance_number: Some(1),
+        rows: None,
+        columns: None,
+        number_of_frames: None,
+        bits_allocated: None,
+        specific_character_set: Some("ISO_IR 192".into()),
+    }
+}
+
+async fn fill(index: &Index) {
+    let mut tx = index.begin_write().await.unwrap();
+    for s in STUDIES {
+        for (i, m) in s.modalities.iter().enumerate() {
+            let a = attrs(s, i + 1, m);
+            let rec = NewInstance {
+                attrs: &a,
+                transfer_syntax_uid: "1.2.840.10008.1.2.1",
+                blob_key: "k",
+                size_bytes: 10,
+                sha256: "00",
+                dataset_sha256: "00",
+                source_ae: None,
+                source_address: None,
+                metadata_json: "{}",
+            };
+            insert_instance(&mut tx, &rec).await.unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+}
+
+async fn uids(index: &Index, matches: &[(StudyKey, &str)]) -> Vec<String> {
+    let q = StudyQuery {
+        matches: matches.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        limit: None,
+        offset: 0,
+    };
+    let mut v: Vec<String> = index
+        .find_studies(&q)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.study_uid)
+        .collect();
+    v.sort();
+    v
+}
+
+async fn suite(index: &Index) {
+    fill(index).await;
+    use StudyKey::*;
+    // `?` matches exactly one character, a non-ASCII one too; names match case-insensitively.
+    assert_eq!(
+        uids(index, &[(PatientName, "m?ller*")]).await,
+        ["1.1", "1.2"]
+    );
+    assert_eq!(
+        uids(index, &[(PatientName, "M*LLER^*")]).await,
+        ["1.1", "1.2", "1.4"]
+    );
+    assert_eq!(uids(index, &[(PatientName, "smith^john")]).await, ["1.3"]);
+    assert_eq!(uids(index, &[(PatientName, "*")]).await.len(), 4);
+    // Other strings match case-sensitively.
+    assert_eq!(uids(index, &[(PatientId, "ABC*")]).await, ["1.1"]);
+    assert_eq!(uids(index, &[(PatientId, "abc2")]).await, ["1.2"]);
+    // `_` and `%` in a value are literal.
+    assert_eq!(uids(index, &[(AccessionNumber, "A_1")]).await, ["1.1"]);
+    assert_eq!(uids(index, &[(AccessionNumber, "A_*")]).await, ["1.1"]);
+    // Date ranges.
+    assert_eq!(
+        uids(index, &[(StudyDate, "20200101-20201231")]).await,
+        ["1.1", "1.2"]
+    );
+    assert_eq!(uids(index, &[(StudyDate, "-20191231")]).await, ["1.3"]);
+    assert_eq!(uids(index, &[(StudyDate, "20210101-")]).await, ["1.4"]);
+    assert_eq!(uids(index, &[(StudyDate, "20201231")]).await, ["1.2"]);
+    // UID lists, modalities, and combinations.
+    assert_eq!(
+        uids(index, &[(StudyInstanceUid, "1.3\\1.4\\9.9")]).await,
+        ["1.3", "1.4"]
+    );
+    assert_eq!(
+        uids(index, &[(ModalitiesInStudy, "MR")]).await,
+        ["1.2", "1.3"]
+    );
+    assert_eq!(
+        uids(index, &[(ModalitiesInStudy, "CT"), (PatientName, "m*")]).await,
+        ["1.1", "1.4"]
+    );
+    // Derived attributes.
+    let q = StudyQuery {
+        matches: vec![(StudyInstanceUid, "1.2".into())],
+        limit: None,
+        offset: 0,
+    };
+    let r = &index.find_studies(&q).await.unwrap().unwrap()[0];
+    assert_eq!(
+        (r.modalities.as_str(), r.num_series, r.num_instances),
+        ("MR\\SR", 2, 2)
+    );
+    assert_eq!(r.patient_name.as_deref(), Some("müller^anna"));
+    // Paging, newest first.
+    let q = StudyQuery {
+        matches: vec![],
+        limit: Some(2),
+        offset: 1,
+    };
+    let page: Vec<_> = index
+        .find_studies(&q)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.study_uid)
+        .collect();
+    assert_eq!(page, ["1.2", "1.1"]);
+    // Unusable values are reported, not run.
+    let bad = StudyQuery {
+        matches: vec![(StudyDate, "yesterday".into())],
+        limit: None,
+        offset: 0,
+    };
+    assert!(index.find_studies(&bad).await.unwrap().is_err());
+    let bad = StudyQuery {
+        matches: vec![(StudyInstanceUid, "1.2' OR 1=1".into())],
+        limit: None,
+        offset: 0,
+    };
+    assert!(index.find_studies(&bad).await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn study_matching_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = Index::open_sqlite(&dir.path().join("index.db"))
+        .await
+        .unwrap();
+    suite(&index).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn study_matching_on_postgres() {
+    let Ok(base) = std::env::var("KADE_TEST_PG_URL") else {
+        let msg = "PostgreSQL not configured: set KADE_TEST_PG_URL";
+        assert!(
+            std::env::var("KADE_TEST_REQUIRE_ALL").as_deref() != Ok("1"),
+            "{msg}"
+        );
+        eprintln!("SKIPPED: {msg}");
+        return;
+    };
+    let db = format!("kade_e2e_q{}", std::process::id());
+    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
+        .execute(&mut conn)
+        .await;
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (head, _) = base.rsplit_once('/').unwrap();
+    let index = Index::open(&format!("{head}/{db}")).await.unwrap();
+    suite(&index).await;
+}
