@@ -460,3 +460,78 @@ async fn spool_empties(node: &Node) -> bool {
     }
     false
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_refuses_stores_without_losing_or_corrupting_anything() {
+    // The embedded default on a 3 MB filesystem (tmpfs; needs root, as in CI).
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        let msg = "full-disk test needs to mount a small tmpfs (run as root)";
+        assert!(!tools::require_all(), "{msg}");
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.path().to_owned());
+    let b = &backends()[0];
+    let node = Node::start_in(b, &mnt.path().join("data")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = r#gen::CtSpec::small(1, 40);
+    spec.size = 256; // 128 kB each: 40 of them do not fit in 3 MB
+    let files: Vec<Part10> = r#gen::ct_study(dir.path(), &spec)
+        .iter()
+        .map(|f| Part10::read(f).unwrap())
+        .collect();
+    let mut a = connect(&node).await;
+    let (mut ok, mut refused) = (Vec::new(), 0);
+    for p in &files {
+        match a.store(CT, &p.sop_instance, &p.dataset).await.unwrap() {
+            0 => ok.push(p),
+            0xA700 => refused += 1,
+            other => panic!("unexpected status {other:04X} on a full disk"),
+        }
+    }
+    assert!(
+        refused > 0 && !ok.is_empty(),
+        "stored {}, refused {refused}",
+        ok.len()
+    );
+    // The server is still up and answers on the same association.
+    assert_eq!(a.echo().await.unwrap(), 0);
+    a.release().await.unwrap();
+    // Space comes back: the refused instances can now be stored.
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let mut a = connect(&node).await;
+    for p in &files {
+        assert_eq!(a.store(CT, &p.sop_instance, &p.dataset).await.unwrap(), 0);
+    }
+    a.release().await.unwrap();
+    assert_eq!(node.stats()["instances"], files.len());
+    let index = node.index().await;
+    for p in ok {
+        let row = index.instance(&p.sop_instance).await.unwrap().unwrap();
+        assert_eq!(dataset_of(&node.blob(&row.blob_key).await), p.dataset);
+    }
+    assert!(node.cli(&["verify"]).status.success());
+    let fsck = node.cli(&["fsck", "--repair", "--min-age", "0"]);
+    assert!(fsck.status.success(), "{}", tools::text(&fsck));
+    assert!(node.cli(&["audit", "verify"]).status.success());
+}

@@ -122,12 +122,23 @@ impl Node {
         Self::build(backend, "", extra).await
     }
 
+    /// Starts a node whose data directory is `data` (e.g. a small filesystem).
+    pub async fn start_in(backend: &Backend, data: &Path) -> Node {
+        Self::build_at(backend, "", "", Some(data)).await
+    }
+
     async fn build(backend: &Backend, dicom: &str, extra: &str) -> Node {
+        Self::build_at(backend, dicom, extra, None).await
+    }
+
+    async fn build_at(backend: &Backend, dicom: &str, extra: &str, data: Option<&Path>) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("kade-e2e-")
             .tempdir()
             .unwrap();
-        let data = dir.path().join("data");
+        let data = data
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("data"));
         let mut toml = format!(
             "data_dir = {data:?}\n[dicom]\nae_title = \"KADE\"\nbind = \"127.0.0.1\"\nport = 0\nread_timeout_secs = 20\n{dicom}{PEERS}\n"
         );
@@ -217,7 +228,9 @@ impl Node {
 
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        let cfg = std::fs::read_to_string(&self.config).unwrap();
+        let line = cfg.lines().find(|l| l.starts_with("data_dir = ")).unwrap();
+        PathBuf::from(line.trim_start_matches("data_dir = ").trim_matches('"'))
     }
 
     /// `127.0.0.1:PORT`.
