@@ -8,4 +8,5 @@ mod admin;
 mod association;
 mod corpus;
 mod crash;
+mod query;
 mod robustness;

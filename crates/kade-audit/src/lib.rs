@@ -38,6 +38,8 @@ pub enum EventKind {
     InstanceRejected,
     /// An instance replaced a different one with the same SOP Instance UID.
     InstanceReplaced,
+    /// A query (PS3.15 A.5.3.3 Query, 110112), with its matching keys.
+    Query,
     /// An administrative action (peer added or removed, repair by fsck).
     Admin,
 }
@@ -52,6 +54,7 @@ impl EventKind {
             EventKind::InstanceDuplicate => "instance-duplicate",
             EventKind::InstanceRejected => "instance-rejected",
             EventKind::InstanceReplaced => "instance-replaced",
+            EventKind::Query => "query",
             EventKind::Admin => "admin",
         }
     }

@@ -50,6 +50,13 @@ enum End {
 
 enum State {
     Idle,
+    /// Receiving a C-FIND identifier.
+    Identifier {
+        pc_id: u8,
+        message_id: u16,
+        sop_class: String,
+        buf: Vec<u8>,
+    },
     Command {
         pc_id: u8,
         buf: Vec<u8>,
@@ -262,6 +269,31 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         source: &Source,
     ) -> Result<State, End> {
         match (state, pdv.is_command) {
+            (
+                State::Identifier {
+                    pc_id,
+                    message_id,
+                    sop_class,
+                    mut buf,
+                },
+                false,
+            ) if pc_id == pdv.pc_id => {
+                if buf.len() + pdv.data.len() > MAX_COMMAND {
+                    return Err(End::Protocol("C-FIND identifier too large".into()));
+                }
+                buf.extend_from_slice(&pdv.data);
+                if !pdv.is_last {
+                    return Ok(State::Identifier {
+                        pc_id,
+                        message_id,
+                        sop_class,
+                        buf,
+                    });
+                }
+                self.find(pc_id, message_id, &sop_class, &buf, neg, source)
+                    .await?;
+                Ok(State::Idle)
+            }
             (State::Idle, true) => {
                 self.on_command_fragment(pdv.pc_id, Vec::new(), pdv, neg)
                     .await
@@ -291,6 +323,51 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 pdv.pc_id
             ))),
         }
+    }
+
+    /// Runs a C-FIND and sends its pending responses and the final one.
+    async fn find(
+        &mut self,
+        pc_id: u8,
+        message_id: u16,
+        sop_class: &str,
+        identifier: &[u8],
+        neg: &Negotiated,
+        source: &kade_ingest::Source,
+    ) -> Result<(), End> {
+        let ts = neg
+            .contexts
+            .get(&pc_id)
+            .map(|c| c.transfer_syntax.clone())
+            .unwrap_or_default();
+        let index = self.ctx.ingest.index().clone();
+        let ae = self.ctx.opts.ae_title.to_string();
+        let answer = crate::c_find::run(&index, &ae, message_id, sop_class, &ts, identifier).await;
+        let pending = Response {
+            command_field: crate::command::field::C_FIND_RSP,
+            message_id,
+            sop_class: Some(sop_class.to_owned()),
+            sop_instance: None,
+            status: Status::Pending,
+            error_comment: None,
+        };
+        let command = pdu::encode_pdata(pc_id, true, &pending.encode_with(true), self.peer_max_pdu);
+        for m in &answer.matches {
+            self.send(&command).await?;
+            self.send(&pdu::encode_pdata(pc_id, false, m, self.peer_max_pdu))
+                .await?;
+        }
+        self.respond(pc_id, &answer.last).await?;
+        let outcome = if answer.last.status == Status::Success {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let mut ev = AuditEvent::new(EventKind::Query, outcome, source.actor.clone())
+            .detail(format!("{} matches; {}", answer.matches.len(), answer.keys));
+        ev.actor_address = source.address.clone();
+        self.audit(ev).await;
+        Ok(())
     }
 
     /// Answers a command with `response`, after reading and dropping its data set if any.
@@ -356,6 +433,35 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     pc_id,
                     store: Box::new(store),
                 })
+            }
+            Command::Find {
+                message_id,
+                sop_class,
+            } => {
+                if sop_class != pc.abstract_syntax {
+                    let response = Response {
+                        command_field: crate::command::field::C_FIND_RSP,
+                        message_id,
+                        sop_class: Some(sop_class),
+                        sop_instance: None,
+                        status: Status::SopClassNotSupported,
+                        error_comment: Some(
+                            "SOP class differs from the presentation context's".into(),
+                        ),
+                    };
+                    return self.refuse(pc_id, response, true).await;
+                }
+                Ok(State::Identifier {
+                    pc_id,
+                    message_id,
+                    sop_class,
+                    buf: Vec::new(),
+                })
+            }
+            Command::Cancel { message_id } => {
+                // Queries are answered in one go, so there is nothing left to cancel.
+                tracing::debug!(message_id, "C-CANCEL for a finished operation");
+                Ok(State::Idle)
             }
             Command::Unsupported {
                 command_field,

@@ -8,17 +8,19 @@ use crate::status::Status;
 /// Command Field values (PS3.7 §E.1).
 pub mod field {
     /// C-STORE-RQ.
-    #[allow(missing_docs)]
     pub const C_STORE_RQ: u16 = 0x0001;
     /// C-STORE-RSP.
-    #[allow(missing_docs)]
     pub const C_STORE_RSP: u16 = 0x8001;
     /// C-ECHO-RQ.
-    #[allow(missing_docs)]
     pub const C_ECHO_RQ: u16 = 0x0030;
     /// C-ECHO-RSP.
-    #[allow(missing_docs)]
     pub const C_ECHO_RSP: u16 = 0x8030;
+    /// C-FIND-RQ.
+    pub const C_FIND_RQ: u16 = 0x0020;
+    /// C-FIND-RSP.
+    pub const C_FIND_RSP: u16 = 0x8020;
+    /// C-CANCEL-RQ.
+    pub const C_CANCEL_RQ: u16 = 0x0FFF;
 }
 
 /// Command element numbers in group 0000 (PS3.7 §E.1).
@@ -178,6 +180,18 @@ pub enum Command {
         /// Move Originator AE Title, when the store is a C-MOVE sub-operation.
         move_originator: Option<String>,
     },
+    /// C-FIND-RQ (PS3.7 §9.3.2); the identifier follows as a data set.
+    Find {
+        /// Message ID.
+        message_id: u16,
+        /// Affected SOP Class UID (the query/retrieve information model).
+        sop_class: String,
+    },
+    /// C-CANCEL-RQ (PS3.7 §9.3.2.3): cancel the operation with this Message ID.
+    Cancel {
+        /// Message ID Being Responded To.
+        message_id: u16,
+    },
     /// A known request lacking a required element; answered with a failure, not an abort.
     Invalid {
         /// Command Field.
@@ -242,6 +256,21 @@ impl Command {
                     },
                 }
             }
+            field::C_FIND_RQ => match sop_class {
+                Some(sop_class) => Command::Find {
+                    message_id,
+                    sop_class,
+                },
+                None => Command::Invalid {
+                    command_field,
+                    message_id,
+                    has_data_set,
+                    reason: CommandError::Missing("AffectedSOPClassUID"),
+                },
+            },
+            field::C_CANCEL_RQ => Command::Cancel {
+                message_id: cs.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO).unwrap_or(0),
+            },
             _ => Command::Unsupported {
                 command_field,
                 message_id,
@@ -254,8 +283,8 @@ impl Command {
     /// Whether a data set follows the command.
     pub fn has_data_set(&self) -> bool {
         match self {
-            Command::Echo { .. } => false,
-            Command::Store { .. } => true,
+            Command::Echo { .. } | Command::Cancel { .. } => false,
+            Command::Store { .. } | Command::Find { .. } => true,
             Command::Unsupported { has_data_set, .. } | Command::Invalid { has_data_set, .. } => {
                 *has_data_set
             }
@@ -281,15 +310,23 @@ pub struct Response {
 }
 
 impl Response {
-    /// Encodes the response command set.
+    /// Encodes the response command set (no data set follows).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(false)
+    }
+
+    /// Encodes the response command set, announcing a data set when `data_set` is true.
+    pub fn encode_with(&self, data_set: bool) -> Vec<u8> {
         let mut cs = CommandSet::default();
         if let Some(c) = &self.sop_class {
             cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, c);
         }
         cs.set_u16(tag::COMMAND_FIELD, self.command_field)
             .set_u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, self.message_id)
-            .set_u16(tag::COMMAND_DATA_SET_TYPE, NO_DATA_SET)
+            .set_u16(
+                tag::COMMAND_DATA_SET_TYPE,
+                if data_set { 0x0001 } else { NO_DATA_SET },
+            )
             .set_u16(tag::STATUS, self.status.code());
         if let Some(c) = &self.error_comment {
             let c: String = c

@@ -63,6 +63,8 @@ pub fn negotiate(rq: &AssociationRQ, peer: &Peer, our_max_pdu: u32) -> Negotiate
             let abs = pc.abstract_syntax.trim_end_matches('\0');
             let needed = if abs == VERIFICATION {
                 Some(Permission::Echo)
+            } else if crate::c_find::is_find_sop_class(abs) {
+                Some(Permission::Find)
             } else if is_storage_sop_class(abs) {
                 Some(Permission::Store)
             } else {
@@ -169,8 +171,9 @@ mod tests {
                 "1.2.840.10008.5.1.4.1.1.2",
                 vec!["9.9.9", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"],
             ),
-            (5, "1.2.840.10008.5.1.4.1.2.2.1", vec!["1.2.840.10008.1.2"]), // Study Root FIND
+            (5, "1.2.840.10008.5.1.4.1.2.2.2", vec!["1.2.840.10008.1.2"]), // Study Root MOVE: not served yet
             (7, "1.2.840.10008.5.1.4.1.1.4", vec!["9.9.9"]),
+            (9, "1.2.840.10008.5.1.4.1.2.2.1", vec!["1.2.840.10008.1.2"]), // Study Root FIND: not permitted
         ]);
         let n = negotiate(&r, &peer(vec![Permission::Store]), 65536);
         let reasons: Vec<_> =
@@ -184,7 +187,8 @@ mod tests {
                 Reason::UserRejection,
                 Reason::Acceptance,
                 Reason::AbstractSyntaxNotSupported,
-                Reason::TransferSyntaxesNotSupported
+                Reason::TransferSyntaxesNotSupported,
+                Reason::UserRejection
             ]
         );
         // Stored as received: the first proposed syntax the registry knows.

@@ -5,6 +5,12 @@
 pub enum Status {
     /// 0000: success.
     Success,
+    /// FF00: pending (a C-FIND match follows).
+    Pending,
+    /// A900 for C-FIND: the identifier does not match the SOP class (also used for unusable values).
+    IdentifierDoesNotMatch,
+    /// C001: unable to process (C-FIND).
+    UnableToProcess,
     /// C111: a different object already has this SOP Instance UID. A failure in the C-STORE
     /// "cannot understand" (Cxxx) family: the general status 0111 (Duplicate SOP Instance)
     /// is not a C-STORE status, and peers such as DCMTK treat it as unknown, not as failure.
@@ -28,6 +34,9 @@ impl Status {
     pub fn code(self) -> u16 {
         match self {
             Status::Success => 0x0000,
+            Status::Pending => 0xFF00,
+            Status::IdentifierDoesNotMatch => 0xA900,
+            Status::UnableToProcess => 0xC001,
             Status::DuplicateSopInstance => 0xC111,
             Status::SopClassNotSupported => 0x0122,
             Status::NotAuthorized => 0x0124,

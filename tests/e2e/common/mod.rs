@@ -77,6 +77,11 @@ allow = ["echo", "store"]
 ae_title = "ECHOONLY"
 host = "127.0.0.1"
 allow = ["echo"]
+
+[[dicom.peers]]
+ae_title = "FINDSCU"
+host = "127.0.0.1"
+allow = ["echo", "find"]
 "#;
 
 /// A running (or stopped) `kade serve`.
