@@ -1,4 +1,4 @@
-//! C-FIND at STUDY level against DCMTK findscu, answered from the shared query model.
+//! C-FIND at STUDY, SERIES and IMAGE level against DCMTK findscu, answered from the shared query model.
 
 use std::path::PathBuf;
 
@@ -15,7 +15,7 @@ fn find(
     keys: &[&str],
 ) -> (bool, Vec<dicom_object::DefaultDicomObject>) {
     let out = tempfile::tempdir().unwrap();
-    let mut args = vec!["-S", "-X", "-od", out.path().to_str().unwrap()];
+    let mut args = vec!["-v", "-S", "-X", "-od", out.path().to_str().unwrap()];
     for k in keys {
         args.extend(["-k", k]);
     }
@@ -26,7 +26,9 @@ fn find(
         .iter()
         .map(|f| dicom_object::open_file(f).unwrap())
         .collect();
-    let ok = o.status.success() && !tools::text(&o).contains("E: ");
+    // findscu exits 0 whatever the final status: read it from the verbose output.
+    let ok =
+        o.status.success() && tools::text(&o).contains("Received Final Find Response (Success)");
     (ok, found)
 }
 
@@ -38,7 +40,7 @@ fn text(obj: &dicom_object::DefaultDicomObject, tag: dicom_core::Tag) -> String 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn study_level_c_find_matches_like_qido_will() {
+async fn c_find_matches_at_study_series_and_image_level() {
     let Some(findscu) = tools::dcmtk("findscu") else {
         return;
     };
@@ -109,6 +111,91 @@ async fn study_level_c_find_matches_like_qido_will() {
         let found = find(&node, &findscu, "FINDSCU", &mr).1;
         assert_eq!(found.len(), 1);
         assert_eq!(text(&found[0], tags::MODALITIES_IN_STUDY), "MR");
+
+        // SERIES level within the study, then IMAGE level within a series.
+        let study = format!("StudyInstanceUID={}", spec.study_uid);
+        let series = find(
+            &node,
+            &findscu,
+            "FINDSCU",
+            &[
+                "QueryRetrieveLevel=SERIES",
+                &study,
+                "SeriesInstanceUID",
+                "Modality",
+                "SeriesNumber",
+                "NumberOfSeriesRelatedInstances",
+            ],
+        )
+        .1;
+        let got: Vec<_> = series
+            .iter()
+            .map(|r| {
+                (
+                    text(r, tags::SERIES_NUMBER),
+                    text(r, tags::NUMBER_OF_SERIES_RELATED_INSTANCES),
+                    text(r, tags::MODALITY),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("1".into(), "2".into(), "CT".into()),
+                ("2".into(), "2".into(), "CT".into())
+            ],
+            "[{}]",
+            b.name
+        );
+        let second = format!(
+            "SeriesInstanceUID={}",
+            text(&series[1], tags::SERIES_INSTANCE_UID)
+        );
+        let images = find(
+            &node,
+            &findscu,
+            "FINDSCU",
+            &[
+                "QueryRetrieveLevel=IMAGE",
+                &study,
+                &second,
+                "SOPInstanceUID",
+                "InstanceNumber",
+                "Rows",
+            ],
+        )
+        .1;
+        let got: Vec<_> = images
+            .iter()
+            .map(|r| {
+                (
+                    text(r, tags::SOP_INSTANCE_UID),
+                    text(r, tags::INSTANCE_NUMBER),
+                    text(r, tags::ROWS),
+                )
+            })
+            .collect();
+        let s2 = format!("{}.2", spec.study_uid);
+        assert_eq!(
+            got,
+            [
+                (format!("{s2}.1"), "1".into(), "64".into()),
+                (format!("{s2}.2"), "2".into(), "64".into())
+            ],
+            "[{}]",
+            b.name
+        );
+        let bad = find(
+            &node,
+            &findscu,
+            "FINDSCU",
+            &["QueryRetrieveLevel=SERIES", "SeriesNumber=one"],
+        );
+        assert!(
+            !bad.0 && bad.1.is_empty(),
+            "[{}] a malformed SeriesNumber was accepted",
+            b.name
+        );
 
         // A peer without the find permission gets no query context.
         let (ok, found) = find(&node, &findscu, "STORESCU", &keys);

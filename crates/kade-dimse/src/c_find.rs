@@ -1,5 +1,5 @@
-//! C-FIND SCP (PS3.4 Annex C): Patient Root and Study Root information models, STUDY level,
-//! answered from the index's shared query model ([`kade_index::query`]).
+//! C-FIND SCP (PS3.4 Annex C): Patient Root and Study Root information models at STUDY,
+//! SERIES and IMAGE level, answered from the index's shared query model ([`kade_index::query`]).
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR, header::Header};
 use dicom_dictionary_std::tags;
@@ -7,7 +7,7 @@ use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use kade_index::Index;
-use kade_index::query::{StudyKey, StudyQuery, StudyRow};
+use kade_index::query::{InstanceKey, LevelQuery, SeriesKey, StudyKey, StudyQuery, StudyRow};
 
 use crate::command::{Response, field};
 use crate::status::Status;
@@ -87,52 +87,26 @@ pub async fn run(
             String::new(),
         );
     };
-    let text = |tag| {
-        req.get(tag)
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
-    };
-    let level = text(tags::QUERY_RETRIEVE_LEVEL).unwrap_or_default();
-    let mut query = StudyQuery {
-        matches: vec![],
-        limit: Some(MAX_MATCHES),
-        offset: 0,
-    };
+    let level = text(&req, tags::QUERY_RETRIEVE_LEVEL).unwrap_or_default();
     let mut keys = vec![format!("level={level}")];
-    for (tag, key) in MATCH_KEYS {
-        if let Some(v) = text(*tag).filter(|v| !v.is_empty()) {
-            let shown = if matches!(
-                key,
-                StudyKey::PatientName | StudyKey::ReferringPhysicianName
-            ) {
-                "(name)"
-            } else {
-                &v
-            };
-            keys.push(format!("{key:?}={shown}"));
-            query.matches.push((*key, v));
-        }
-    }
-    let keys = keys.join(" ");
-    if level != "STUDY" {
-        return fail(
+    let found = match level.as_str() {
+        "STUDY" => study_level(index, &req, &mut keys).await,
+        "SERIES" => series_level(index, &req, &mut keys).await,
+        "IMAGE" => image_level(index, &req, &mut keys).await,
+        _ => Err((
             Status::UnableToProcess,
-            "only STUDY level queries are served yet",
-            keys,
-        );
-    }
-    let rows = match index.find_studies(&query).await {
-        Ok(Ok(rows)) => rows,
-        Ok(Err(e)) => return fail(Status::IdentifierDoesNotMatch, &e.to_string(), keys),
-        Err(e) => {
-            tracing::error!(error = %e, "C-FIND query failed");
-            return fail(Status::UnableToProcess, "index query failed", keys);
-        }
+            "query level not served (STUDY, SERIES, IMAGE are)".to_owned(),
+        )),
+    };
+    let keys = keys.join(" ");
+    let rows = match found {
+        Ok(rows) => rows,
+        Err((status, why)) => return fail(status, &why, keys),
     };
     let mut matches = Vec::with_capacity(rows.len());
-    for row in &rows {
+    for values in &rows {
         let mut out = Vec::new();
-        if identifier_for(&req, row, our_ae)
+        if identifier_for(&req, &level, values, our_ae)
             .write_dataset_with_ts(&mut out, ts)
             .is_err()
         {
@@ -147,20 +121,192 @@ pub async fn run(
     }
 }
 
-/// The response identifier: every key the request asked for, with this study's value.
-fn identifier_for(req: &InMemDicomObject, row: &StudyRow, our_ae: &str) -> InMemDicomObject {
+/// A match: the value of each attribute it has.
+type Values = Vec<(Tag, String)>;
+type Found = Result<Vec<Values>, (Status, String)>;
+
+fn text(req: &InMemDicomObject, tag: Tag) -> Option<String> {
+    req.get(tag)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
+}
+
+/// The non-empty matching keys of `req` among `wanted`, noted in `keys` for the audit log.
+fn matching<K: Copy + std::fmt::Debug>(
+    req: &InMemDicomObject,
+    wanted: &[(Tag, K)],
+    keys: &mut Vec<String>,
+) -> Vec<(K, String)> {
+    let mut out = Vec::new();
+    for (tag, key) in wanted {
+        if let Some(v) = text(req, *tag).filter(|v| !v.is_empty()) {
+            let name = format!("{key:?}");
+            let shown = if name.ends_with("Name") {
+                "(name)".to_owned()
+            } else {
+                v.clone()
+            };
+            keys.push(format!("{name}={shown}"));
+            out.push((*key, v));
+        }
+    }
+    out
+}
+
+fn db_failure<E: std::fmt::Display>(e: E) -> (Status, String) {
+    tracing::error!(error = %e, "C-FIND query failed");
+    (Status::UnableToProcess, "index query failed".to_owned())
+}
+
+async fn study_level(index: &Index, req: &InMemDicomObject, keys: &mut Vec<String>) -> Found {
+    let query = StudyQuery {
+        matches: matching(req, MATCH_KEYS, keys),
+        limit: Some(MAX_MATCHES),
+        offset: 0,
+    };
+    let rows = index
+        .find_studies(&query)
+        .await
+        .map_err(db_failure)?
+        .map_err(|e| (Status::IdentifierDoesNotMatch, e.to_string()))?;
+    Ok(rows.iter().map(study_values).collect())
+}
+
+async fn series_level(index: &Index, req: &InMemDicomObject, keys: &mut Vec<String>) -> Found {
+    const WANTED: &[(Tag, SeriesKey)] = &[
+        (tags::STUDY_INSTANCE_UID, SeriesKey::StudyInstanceUid),
+        (tags::SERIES_INSTANCE_UID, SeriesKey::SeriesInstanceUid),
+        (tags::MODALITY, SeriesKey::Modality),
+        (tags::SERIES_NUMBER, SeriesKey::SeriesNumber),
+        (tags::SERIES_DESCRIPTION, SeriesKey::SeriesDescription),
+        (tags::BODY_PART_EXAMINED, SeriesKey::BodyPartExamined),
+    ];
+    let query = LevelQuery {
+        matches: matching(req, WANTED, keys),
+        limit: Some(MAX_MATCHES),
+        offset: 0,
+    };
+    let rows = index
+        .find_series(&query)
+        .await
+        .map_err(db_failure)?
+        .map_err(|e| (Status::IdentifierDoesNotMatch, e.to_string()))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let mut v = vec![
+                (tags::STUDY_INSTANCE_UID, r.study_uid),
+                (tags::SERIES_INSTANCE_UID, r.series_uid),
+                (
+                    tags::NUMBER_OF_SERIES_RELATED_INSTANCES,
+                    r.num_instances.to_string(),
+                ),
+            ];
+            let opt = [
+                (tags::MODALITY, r.modality),
+                (tags::SERIES_NUMBER, r.number.map(|n| n.to_string())),
+                (tags::SERIES_DESCRIPTION, r.description),
+                (tags::BODY_PART_EXAMINED, r.body_part),
+            ];
+            v.extend(opt.into_iter().filter_map(|(t, x)| Some((t, x?))));
+            v
+        })
+        .collect())
+}
+
+async fn image_level(index: &Index, req: &InMemDicomObject, keys: &mut Vec<String>) -> Found {
+    const WANTED: &[(Tag, InstanceKey)] = &[
+        (tags::STUDY_INSTANCE_UID, InstanceKey::StudyInstanceUid),
+        (tags::SERIES_INSTANCE_UID, InstanceKey::SeriesInstanceUid),
+        (tags::SOP_INSTANCE_UID, InstanceKey::SopInstanceUid),
+        (tags::SOP_CLASS_UID, InstanceKey::SopClassUid),
+        (tags::INSTANCE_NUMBER, InstanceKey::InstanceNumber),
+    ];
+    let query = LevelQuery {
+        matches: matching(req, WANTED, keys),
+        limit: Some(MAX_MATCHES),
+        offset: 0,
+    };
+    let rows = index
+        .find_instances(&query)
+        .await
+        .map_err(db_failure)?
+        .map_err(|e| (Status::IdentifierDoesNotMatch, e.to_string()))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let mut v = vec![
+                (tags::STUDY_INSTANCE_UID, r.study_uid),
+                (tags::SERIES_INSTANCE_UID, r.series_uid),
+                (tags::SOP_INSTANCE_UID, r.sop_uid),
+                (tags::SOP_CLASS_UID, r.sop_class_uid),
+            ];
+            let opt = [
+                (tags::INSTANCE_NUMBER, r.number),
+                (tags::ROWS, r.rows),
+                (tags::COLUMNS, r.columns),
+                (tags::NUMBER_OF_FRAMES, r.frames),
+            ];
+            v.extend(
+                opt.into_iter()
+                    .filter_map(|(t, x)| Some((t, x?.to_string()))),
+            );
+            v
+        })
+        .collect())
+}
+
+fn study_values(row: &StudyRow) -> Values {
+    let mut v = vec![
+        (tags::PATIENT_ID, row.patient_id.clone()),
+        (tags::ISSUER_OF_PATIENT_ID, row.issuer.clone()),
+        (tags::STUDY_INSTANCE_UID, row.study_uid.clone()),
+        (tags::MODALITIES_IN_STUDY, row.modalities.clone()),
+        (
+            tags::NUMBER_OF_STUDY_RELATED_SERIES,
+            row.num_series.to_string(),
+        ),
+        (
+            tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
+            row.num_instances.to_string(),
+        ),
+    ];
+    let opt = [
+        (tags::PATIENT_NAME, &row.patient_name),
+        (tags::PATIENT_BIRTH_DATE, &row.birth_date),
+        (tags::PATIENT_SEX, &row.sex),
+        (tags::STUDY_DATE, &row.study_date),
+        (tags::STUDY_TIME, &row.study_time),
+        (tags::ACCESSION_NUMBER, &row.accession_number),
+        (tags::REFERRING_PHYSICIAN_NAME, &row.referring_physician),
+        (tags::STUDY_DESCRIPTION, &row.description),
+        (tags::STUDY_ID, &row.study_id),
+    ];
+    v.extend(opt.into_iter().filter_map(|(t, x)| Some((t, x.clone()?))));
+    v
+}
+
+/// The response identifier: every key the request asked for, with this match's value
+/// (empty when the archive has none).
+fn identifier_for(
+    req: &InMemDicomObject,
+    level: &str,
+    values: &Values,
+    our_ae: &str,
+) -> InMemDicomObject {
     let mut out = InMemDicomObject::new_empty();
     for e in req.iter() {
         let tag = e.tag();
-        if tag.group() == 0x0002 || tag == tags::SPECIFIC_CHARACTER_SET {
-            continue;
-        }
-        let value = value_of(row, tag).unwrap_or_default();
-        let vr = if e.vr() == VR::UN { VR::LO } else { e.vr() };
-        if vr == VR::SQ {
+        if tag.group() == 0x0002 || tag == tags::SPECIFIC_CHARACTER_SET || e.vr() == VR::SQ {
             continue; // sequence matching is not supported; return keys in sequences are omitted
         }
-        out.put(DataElement::new(tag, vr, PrimitiveValue::from(value)));
+        let value = values
+            .iter()
+            .find(|(t, _)| *t == tag)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let vr = if e.vr() == VR::UN { VR::LO } else { e.vr() };
+        out.put(DataElement::new(tag, vr, typed(vr, &value)));
     }
     out.put(DataElement::new(
         tags::SPECIFIC_CHARACTER_SET,
@@ -170,7 +316,7 @@ fn identifier_for(req: &InMemDicomObject, row: &StudyRow, our_ae: &str) -> InMem
     out.put(DataElement::new(
         tags::QUERY_RETRIEVE_LEVEL,
         VR::CS,
-        PrimitiveValue::from("STUDY"),
+        PrimitiveValue::from(level),
     ));
     out.put(DataElement::new(
         tags::RETRIEVE_AE_TITLE,
@@ -180,24 +326,16 @@ fn identifier_for(req: &InMemDicomObject, row: &StudyRow, our_ae: &str) -> InMem
     out
 }
 
-fn value_of(row: &StudyRow, tag: Tag) -> Option<String> {
-    let o = |v: &Option<String>| v.clone();
-    match tag {
-        t if t == tags::PATIENT_NAME => o(&row.patient_name),
-        t if t == tags::PATIENT_ID => Some(row.patient_id.clone()),
-        t if t == tags::ISSUER_OF_PATIENT_ID => Some(row.issuer.clone()),
-        t if t == tags::PATIENT_BIRTH_DATE => o(&row.birth_date),
-        t if t == tags::PATIENT_SEX => o(&row.sex),
-        t if t == tags::STUDY_DATE => o(&row.study_date),
-        t if t == tags::STUDY_TIME => o(&row.study_time),
-        t if t == tags::ACCESSION_NUMBER => o(&row.accession_number),
-        t if t == tags::REFERRING_PHYSICIAN_NAME => o(&row.referring_physician),
-        t if t == tags::STUDY_DESCRIPTION => o(&row.description),
-        t if t == tags::STUDY_ID => o(&row.study_id),
-        t if t == tags::STUDY_INSTANCE_UID => Some(row.study_uid.clone()),
-        t if t == tags::MODALITIES_IN_STUDY => Some(row.modalities.clone()),
-        t if t == tags::NUMBER_OF_STUDY_RELATED_SERIES => Some(row.num_series.to_string()),
-        t if t == tags::NUMBER_OF_STUDY_RELATED_INSTANCES => Some(row.num_instances.to_string()),
-        _ => None,
+/// A value in the binary form its VR needs (US, UL, …), or as text.
+fn typed(vr: VR, value: &str) -> PrimitiveValue {
+    let n = value.trim().parse::<i64>().ok();
+    match (vr, n) {
+        (_, None) if value.is_empty() => PrimitiveValue::Empty,
+        (VR::US, Some(n)) => PrimitiveValue::from(n as u16),
+        (VR::SS, Some(n)) => PrimitiveValue::from(n as i16),
+        (VR::UL, Some(n)) => PrimitiveValue::from(n as u32),
+        (VR::SL, Some(n)) => PrimitiveValue::from(n as i32),
+        (VR::US | VR::SS | VR::UL | VR::SL, None) => PrimitiveValue::Empty,
+        _ => PrimitiveValue::from(value),
     }
 }

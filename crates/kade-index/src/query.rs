@@ -22,6 +22,8 @@ enum Kind {
     Date,
     /// A UID: single value or `\`-separated list, no wildcards.
     Uid,
+    /// An integer (IS): single value.
+    Integer,
 }
 
 /// Study-level matching keys (PS3.18 Table 10.6.1-5, PS3.4 C.6.1.1.3).
@@ -134,13 +136,13 @@ impl Sql {
     /// Adds the condition for `col` (of `kind`) matching `value`; `None` when universal.
     fn add(
         &mut self,
-        key: StudyKey,
+        key: &str,
         col: &str,
         kind: Kind,
         value: &str,
     ) -> Result<Option<String>, QueryError> {
         let bad = |why| QueryError {
-            key: format!("{key:?}"),
+            key: key.to_owned(),
             value: value.to_owned(),
             why,
         };
@@ -190,6 +192,10 @@ impl Sql {
                     format!("{col} = {}", self.param(v.to_owned()))
                 }
             },
+            Kind::Integer => {
+                let n: i64 = v.parse().map_err(|_| bad("an integer is expected"))?;
+                format!("{col} = CAST({} AS BIGINT)", self.param(n.to_string()))
+            }
             Kind::PersonName | Kind::Text => {
                 let v = if kind == Kind::PersonName {
                     crate::search_key(v)
@@ -235,7 +241,7 @@ impl Index {
         let mut sql = Sql::default();
         for (key, value) in &q.matches {
             let (col, kind) = key.column();
-            let cond = match sql.add(*key, col, kind, value) {
+            let cond = match sql.add(&format!("{key:?}"), col, kind, value) {
                 Ok(c) => c,
                 Err(e) => return Ok(Err(e)),
             };
@@ -288,6 +294,220 @@ impl Index {
                     patient_name: r.try_get(12)?,
                     birth_date: r.try_get(13)?,
                     sex: r.try_get(14)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Ok(out))
+    }
+}
+
+/// Series-level matching keys (PS3.4 C.6.1.1.4), with the unique keys of the levels above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeriesKey {
+    /// StudyInstanceUID (0020,000D).
+    StudyInstanceUid,
+    /// SeriesInstanceUID (0020,000E).
+    SeriesInstanceUid,
+    /// Modality (0008,0060).
+    Modality,
+    /// SeriesNumber (0020,0011).
+    SeriesNumber,
+    /// SeriesDescription (0008,103E).
+    SeriesDescription,
+    /// BodyPartExamined (0018,0015).
+    BodyPartExamined,
+}
+
+/// Instance-level matching keys (PS3.4 C.6.1.1.5), with the unique keys of the levels above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceKey {
+    /// StudyInstanceUID (0020,000D).
+    StudyInstanceUid,
+    /// SeriesInstanceUID (0020,000E).
+    SeriesInstanceUid,
+    /// SOPInstanceUID (0008,0018).
+    SopInstanceUid,
+    /// SOPClassUID (0008,0016).
+    SopClassUid,
+    /// InstanceNumber (0020,0013).
+    InstanceNumber,
+}
+
+/// A query at series or instance level.
+#[derive(Debug, Clone)]
+pub struct LevelQuery<K> {
+    /// Matching keys with their values.
+    pub matches: Vec<(K, String)>,
+    /// At most this many results (None: no limit).
+    pub limit: Option<i64>,
+    /// Skip this many results.
+    pub offset: i64,
+}
+
+/// A matching series.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesRow {
+    /// Study Instance UID.
+    pub study_uid: String,
+    /// Series Instance UID.
+    pub series_uid: String,
+    /// Modality.
+    pub modality: Option<String>,
+    /// Series Number.
+    pub number: Option<i64>,
+    /// Series Description.
+    pub description: Option<String>,
+    /// Body Part Examined.
+    pub body_part: Option<String>,
+    /// Number of Series Related Instances.
+    pub num_instances: i64,
+}
+
+/// A matching instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRow {
+    /// Study Instance UID.
+    pub study_uid: String,
+    /// Series Instance UID.
+    pub series_uid: String,
+    /// SOP Instance UID.
+    pub sop_uid: String,
+    /// SOP Class UID.
+    pub sop_class_uid: String,
+    /// Instance Number.
+    pub number: Option<i64>,
+    /// Rows.
+    pub rows: Option<i64>,
+    /// Columns.
+    pub columns: Option<i64>,
+    /// Number of Frames.
+    pub frames: Option<i64>,
+}
+
+fn conditions<K: Copy + std::fmt::Debug>(
+    matches: &[(K, String)],
+    column: impl Fn(K) -> (&'static str, Kind),
+) -> Result<Sql, QueryError> {
+    let mut sql = Sql::default();
+    for (key, value) in matches {
+        let (col, kind) = column(*key);
+        if let Some(c) = sql.add(&format!("{key:?}"), col, kind, value)? {
+            sql.conds.push(c);
+        }
+    }
+    Ok(sql)
+}
+
+fn finish_sql(mut text: String, sql: &Sql, order: &str, limit: Option<i64>, offset: i64) -> String {
+    if !sql.conds.is_empty() {
+        text.push_str(" WHERE ");
+        text.push_str(&sql.conds.join(" AND "));
+    }
+    // Integers from our own types, not request text: safe to inline.
+    let limit = limit.unwrap_or(i64::MAX).max(0);
+    text.push_str(&format!(
+        " ORDER BY {order} LIMIT {limit} OFFSET {}",
+        offset.max(0)
+    ));
+    text
+}
+
+impl Index {
+    /// Series matching `q`, ordered by Series Number, then Series Instance UID.
+    ///
+    /// # Errors
+    /// [`QueryError`] (wrapped in `Ok(Err)`) for unusable values; database errors otherwise.
+    pub async fn find_series(
+        &self,
+        q: &LevelQuery<SeriesKey>,
+    ) -> Result<Result<Vec<SeriesRow>, QueryError>, IndexError> {
+        let sql = match conditions(&q.matches, |k| match k {
+            SeriesKey::StudyInstanceUid => ("st.study_uid", Kind::Uid),
+            SeriesKey::SeriesInstanceUid => ("se.series_uid", Kind::Uid),
+            SeriesKey::Modality => ("se.modality", Kind::Text),
+            SeriesKey::SeriesNumber => ("se.series_number", Kind::Integer),
+            SeriesKey::SeriesDescription => ("se.description", Kind::Text),
+            SeriesKey::BodyPartExamined => ("se.body_part", Kind::Text),
+        }) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let text = finish_sql(
+            "SELECT st.study_uid, se.series_uid, se.modality, se.series_number, se.description, \
+             se.body_part, se.num_instances FROM series se JOIN studies st ON st.id = se.study_fk"
+                .into(),
+            &sql,
+            "se.series_number, se.series_uid",
+            q.limit,
+            q.offset,
+        );
+        let mut query = sqlx::query(&text);
+        for p in &sql.params {
+            query = query.bind(p.as_str());
+        }
+        let rows = query.fetch_all(self.read_pool()).await?;
+        let out = rows
+            .iter()
+            .map(|r| {
+                Ok(SeriesRow {
+                    study_uid: r.try_get(0)?,
+                    series_uid: r.try_get(1)?,
+                    modality: r.try_get(2)?,
+                    number: r.try_get(3)?,
+                    description: r.try_get(4)?,
+                    body_part: r.try_get(5)?,
+                    num_instances: r.try_get(6)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Ok(out))
+    }
+
+    /// Instances matching `q`, ordered by Instance Number, then SOP Instance UID.
+    ///
+    /// # Errors
+    /// [`QueryError`] (wrapped in `Ok(Err)`) for unusable values; database errors otherwise.
+    pub async fn find_instances(
+        &self,
+        q: &LevelQuery<InstanceKey>,
+    ) -> Result<Result<Vec<InstanceRow>, QueryError>, IndexError> {
+        let sql = match conditions(&q.matches, |k| match k {
+            InstanceKey::StudyInstanceUid => ("st.study_uid", Kind::Uid),
+            InstanceKey::SeriesInstanceUid => ("se.series_uid", Kind::Uid),
+            InstanceKey::SopInstanceUid => ("i.sop_uid", Kind::Uid),
+            InstanceKey::SopClassUid => ("i.sop_class_uid", Kind::Uid),
+            InstanceKey::InstanceNumber => ("i.instance_number", Kind::Integer),
+        }) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let text = finish_sql(
+            "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.instance_number, \
+             i.pixel_rows, i.pixel_columns, i.number_of_frames FROM instances i \
+             JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = se.study_fk"
+                .into(),
+            &sql,
+            "i.instance_number, i.sop_uid",
+            q.limit,
+            q.offset,
+        );
+        let mut query = sqlx::query(&text);
+        for p in &sql.params {
+            query = query.bind(p.as_str());
+        }
+        let rows = query.fetch_all(self.read_pool()).await?;
+        let out = rows
+            .iter()
+            .map(|r| {
+                Ok(InstanceRow {
+                    study_uid: r.try_get(0)?,
+                    series_uid: r.try_get(1)?,
+                    sop_uid: r.try_get(2)?,
+                    sop_class_uid: r.try_get(3)?,
+                    number: r.try_get(4)?,
+                    rows: r.try_get(5)?,
+                    columns: r.try_get(6)?,
+                    frames: r.try_get(7)?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;

@@ -3,7 +3,7 @@
 use kade_core::{InstanceAttributes, PatientAttributes, SeriesAttributes, StudyAttributes, Uid};
 use kade_index::{
     Index,
-    query::{StudyKey, StudyQuery},
+    query::{InstanceKey, LevelQuery, SeriesKey, StudyKey, StudyQuery},
     write::{NewInstance, insert_instance},
 };
 use sqlx::Connection;
@@ -213,6 +213,84 @@ async fn suite(index: &Index) {
         offset: 0,
     };
     assert!(index.find_studies(&bad).await.unwrap().is_err());
+    lower_levels(index).await;
+}
+
+fn level<K>(m: Vec<(K, &str)>) -> LevelQuery<K> {
+    LevelQuery {
+        matches: m.into_iter().map(|(k, v)| (k, v.to_string())).collect(),
+        limit: None,
+        offset: 0,
+    }
+}
+
+async fn lower_levels(index: &Index) {
+    let r = index
+        .find_series(&level(vec![(SeriesKey::StudyInstanceUid, "1.2")]))
+        .await
+        .unwrap()
+        .unwrap();
+    let got: Vec<_> = r
+        .iter()
+        .map(|s| {
+            (
+                s.series_uid.as_str(),
+                s.modality.as_deref(),
+                s.number,
+                s.num_instances,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("1.2.1", Some("MR"), Some(1), 1),
+            ("1.2.2", Some("SR"), Some(2), 1)
+        ]
+    );
+    let uids = |r: Vec<kade_index::query::SeriesRow>| {
+        r.into_iter().map(|s| s.series_uid).collect::<Vec<_>>()
+    };
+    let mr = index
+        .find_series(&level(vec![(SeriesKey::Modality, "MR")]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(uids(mr), ["1.2.1", "1.3.1"]);
+    let two = index
+        .find_series(&level(vec![(SeriesKey::SeriesNumber, "2")]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(uids(two), ["1.2.2"]);
+    assert!(
+        index
+            .find_series(&level(vec![(SeriesKey::SeriesNumber, "two")]))
+            .await
+            .unwrap()
+            .is_err()
+    );
+
+    let i = index
+        .find_instances(&level(vec![(InstanceKey::SeriesInstanceUid, "1.2.2")]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(i.len(), 1);
+    assert_eq!(
+        (i[0].sop_uid.as_str(), i[0].study_uid.as_str(), i[0].number),
+        ("1.2.2.1", "1.2", Some(1))
+    );
+    let q = level(vec![(InstanceKey::SopInstanceUid, "1.1.1.1\\1.4.1.1")]);
+    let sops: Vec<_> = index
+        .find_instances(&q)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.sop_uid)
+        .collect();
+    assert_eq!(sops, ["1.1.1.1", "1.4.1.1"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
