@@ -221,3 +221,120 @@ async fn c_find_matches_at_study_series_and_image_level() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
+    let Some(movescu) = tools::dcmtk("movescu") else {
+        return;
+    };
+    let Some(storescu) = tools::dcmtk("storescu") else {
+        return;
+    };
+    let Some(storescp) = tools::dcmtk("storescp") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#gen::CtSpec::small(2, 3);
+    let files = r#gen::ct_study(dir.path(), &spec);
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let o = node.dcmtk(&storescu, "STORESCU", &[], &files);
+        assert!(o.status.success(), "{}", tools::text(&o));
+
+        // DCMTK's storescp as the destination, recording exactly what arrives.
+        let received = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut scp = std::process::Command::new(&storescp)
+            .args(["+B", "+xa", "-aet", "STORESCP", "-od"])
+            .arg(received.path())
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let add = node.cli(&[
+            "peer",
+            "add",
+            "STORESCP",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--allow",
+            "echo",
+        ]);
+        assert!(add.status.success());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+
+        let study = format!("StudyInstanceUID={}", spec.study_uid);
+        let run = |dest: &str, level: &str, key: &str| {
+            let args = ["-v", "-S", "-aem", dest, "-k", level, "-k", key];
+            tools::text(&node.dcmtk(&movescu, "MOVESCU", &args, &[]))
+        };
+        let out = run("STORESCP", "QueryRetrieveLevel=STUDY", &study);
+        assert!(
+            out.contains("Received Final Move Response (Success)"),
+            "[{}] {out}",
+            b.name
+        );
+        let got = crate::common::list_files(received.path());
+        assert_eq!(got.len(), 6, "[{}] {out}", b.name);
+        for f in &files {
+            let sent = kade_testkit::part10::Part10::read(f).unwrap();
+            let arrived = got
+                .iter()
+                .map(|g| kade_testkit::part10::Part10::read(g).unwrap())
+                .find(|p| p.sop_instance == sent.sop_instance)
+                .expect("instance arrived");
+            assert_eq!(
+                arrived.dataset, sent.dataset,
+                "[{}] moved instance differs",
+                b.name
+            );
+        }
+
+        // An unknown destination: refused (A801) with no sub-operations.
+        let out = run("NOWHERE", "QueryRetrieveLevel=STUDY", &study);
+        assert!(
+            out.contains("Final Move Response") && !out.contains("(Success)"),
+            "[{}] {out}",
+            b.name
+        );
+        assert!(
+            out.contains("a801") || out.contains("A801") || out.contains("MoveDestinationUnknown"),
+            "[{}] {out}",
+            b.name
+        );
+        // A peer without the move permission has no C-MOVE context.
+        let args = [
+            "-v",
+            "-S",
+            "-aem",
+            "STORESCP",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &study,
+        ];
+        let out = tools::text(&node.dcmtk(&movescu, "FINDSCU", &args, &[]));
+        assert!(
+            !out.contains("Received Final Move Response"),
+            "[{}] {out}",
+            b.name
+        );
+
+        let tail =
+            String::from_utf8(node.cli(&["audit", "tail", "-n", "50", "--json"]).stdout).unwrap();
+        assert!(
+            tail.contains("C-MOVE to STORESCP: 6 completed, 0 failed"),
+            "[{}] {tail}",
+            b.name
+        );
+        let _ = scp.kill();
+        let _ = scp.wait();
+    }
+}

@@ -40,6 +40,8 @@ pub enum EventKind {
     InstanceReplaced,
     /// A query (PS3.15 A.5.3.3 Query, 110112), with its matching keys.
     Query,
+    /// Instances sent elsewhere (DICOM Instances Transferred, 110104, as source).
+    Retrieve,
     /// An administrative action (peer added or removed, repair by fsck).
     Admin,
 }
@@ -55,6 +57,7 @@ impl EventKind {
             EventKind::InstanceRejected => "instance-rejected",
             EventKind::InstanceReplaced => "instance-replaced",
             EventKind::Query => "query",
+            EventKind::Retrieve => "retrieve",
             EventKind::Admin => "admin",
         }
     }

@@ -14,6 +14,7 @@ use crate::c_store::StoreInProgress;
 use crate::command::{Command, CommandSet, Response};
 use crate::negotiation::{self, Negotiated};
 use crate::pdu::{self, Pdv, Received};
+use crate::scu::ScuAssociation;
 use crate::status::Status;
 use crate::{PeerDirectory, ServerOptions, c_echo, policy};
 
@@ -48,13 +49,31 @@ enum End {
     Protocol(String),
 }
 
+/// A C-MOVE request, once its identifier is complete.
+struct MoveRequest<'a> {
+    pc_id: u8,
+    message_id: u16,
+    sop_class: &'a str,
+    destination: &'a str,
+    identifier: &'a [u8],
+    ts: &'a str,
+    calling: &'a str,
+}
+
+/// What an identifier is for.
+enum QueryOp {
+    Find,
+    Move { destination: String },
+}
+
 enum State {
     Idle,
-    /// Receiving a C-FIND identifier.
+    /// Receiving a C-FIND or C-MOVE identifier.
     Identifier {
         pc_id: u8,
         message_id: u16,
         sop_class: String,
+        op: QueryOp,
         buf: Vec<u8>,
     },
     Command {
@@ -274,12 +293,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     pc_id,
                     message_id,
                     sop_class,
+                    op,
                     mut buf,
                 },
                 false,
             ) if pc_id == pdv.pc_id => {
                 if buf.len() + pdv.data.len() > MAX_COMMAND {
-                    return Err(End::Protocol("C-FIND identifier too large".into()));
+                    return Err(End::Protocol("identifier too large".into()));
                 }
                 buf.extend_from_slice(&pdv.data);
                 if !pdv.is_last {
@@ -287,11 +307,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                         pc_id,
                         message_id,
                         sop_class,
+                        op,
                         buf,
                     });
                 }
-                self.find(pc_id, message_id, &sop_class, &buf, neg, source)
-                    .await?;
+                match op {
+                    QueryOp::Find => {
+                        self.find(pc_id, message_id, &sop_class, &buf, neg, source)
+                            .await?
+                    }
+                    QueryOp::Move { destination } => {
+                        self.move_op(
+                            pc_id,
+                            message_id,
+                            &sop_class,
+                            &destination,
+                            &buf,
+                            neg,
+                            source,
+                        )
+                        .await?
+                    }
+                }
                 Ok(State::Idle)
             }
             (State::Idle, true) => {
@@ -368,6 +405,191 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         ev.actor_address = source.address.clone();
         self.audit(ev).await;
         Ok(())
+    }
+
+    /// Runs a C-MOVE: sub-operations to the configured destination, pending responses with
+    /// counters after each, then the final response.
+    #[allow(clippy::too_many_arguments)]
+    async fn move_op(
+        &mut self,
+        pc_id: u8,
+        message_id: u16,
+        sop_class: &str,
+        destination: &str,
+        identifier: &[u8],
+        neg: &Negotiated,
+        source: &kade_ingest::Source,
+    ) -> Result<(), End> {
+        use crate::c_move::{self, Counts};
+        let ts = neg
+            .contexts
+            .get(&pc_id)
+            .map(|c| c.transfer_syntax.clone())
+            .unwrap_or_default();
+        let calling = source.ae_title.clone().unwrap_or_default();
+        let req = MoveRequest {
+            pc_id,
+            message_id,
+            sop_class,
+            destination,
+            identifier,
+            ts: &ts,
+            calling: &calling,
+        };
+        let (status, counts, failed, why) = self.move_instances(req).await?;
+        let last = c_move::response(
+            message_id,
+            sop_class,
+            status,
+            Counts {
+                remaining: 0,
+                ..counts
+            },
+            why.as_deref(),
+        );
+        self.send(&pdu::encode_pdata(pc_id, true, &last, self.peer_max_pdu))
+            .await?;
+        let outcome = if status == Status::Success {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let mut ev =
+            AuditEvent::new(EventKind::Retrieve, outcome, source.actor.clone()).detail(format!(
+                "C-MOVE to {destination}: {} completed, {} failed{}{}",
+                counts.completed,
+                counts.failed,
+                if failed.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", failed.join(","))
+                },
+                why.map(|w| format!("; {w}")).unwrap_or_default()
+            ));
+        ev.actor_address = source.address.clone();
+        self.audit(ev).await;
+        Ok(())
+    }
+
+    /// The sub-operations of a C-MOVE; returns the final status, counters, failed SOP
+    /// Instance UIDs and a reason for a refusal.
+    async fn move_instances(
+        &mut self,
+        req: MoveRequest<'_>,
+    ) -> Result<(Status, crate::c_move::Counts, Vec<String>, Option<String>), End> {
+        use crate::c_move::{self, Counts};
+        let MoveRequest {
+            pc_id,
+            message_id,
+            sop_class,
+            destination,
+            identifier,
+            ts,
+            calling,
+        } = req;
+        let refuse = |s, why: &str| Ok((s, Counts::default(), Vec::new(), Some(why.to_owned())));
+        let dest = match kade_core::AeTitle::new(destination) {
+            Ok(ae) => self.ctx.peers.by_ae(&ae).await,
+            Err(_) => None,
+        };
+        let Some(dest) = dest else {
+            return refuse(
+                Status::MoveDestinationUnknown,
+                "move destination is not a configured peer",
+            );
+        };
+        let (Some(port), true) = (
+            dest.port,
+            dest.host.prefix_len() == dest.host.max_prefix_len(),
+        ) else {
+            return refuse(
+                Status::MoveDestinationUnknown,
+                "move destination has no single address and port configured",
+            );
+        };
+        let query = match c_move::query_of(identifier, ts) {
+            Ok(q) => q,
+            Err(why) => return refuse(Status::IdentifierDoesNotMatch, &why),
+        };
+        let index = self.ctx.ingest.index().clone();
+        let instances = match index.find_instances(&query).await {
+            Ok(Ok(i)) => i,
+            Ok(Err(e)) => return refuse(Status::IdentifierDoesNotMatch, &e.to_string()),
+            Err(e) => {
+                tracing::error!(error = %e, "C-MOVE query failed");
+                return refuse(Status::UnableToProcess, "index query failed");
+            }
+        };
+        let mut counts = Counts {
+            remaining: instances.len().min(u16::MAX as usize) as u16,
+            ..Counts::default()
+        };
+        if instances.is_empty() {
+            return Ok((Status::Success, counts, Vec::new(), None));
+        }
+        let addr = (dest.host.addr(), port);
+        let our_ae = self.ctx.opts.ae_title.to_string();
+        let proposals = c_move::proposals(&instances);
+        let connect = ScuAssociation::connect(addr, &our_ae, dest.ae_title.as_str(), &proposals);
+        let mut out = match tokio::time::timeout(self.ctx.opts.establish_timeout, connect).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                return refuse(
+                    Status::UnableToPerformSubOperations,
+                    &format!("destination: {e}"),
+                );
+            }
+            Err(_) => {
+                return refuse(
+                    Status::UnableToPerformSubOperations,
+                    "destination did not answer",
+                );
+            }
+        };
+        let mut failed = Vec::new();
+        for i in &instances {
+            let status = match out.context_in(&i.sop_class_uid, &i.transfer_syntax_uid) {
+                None => None, // the destination does not take this class in the stored syntax
+                Some(ctx) => match self.ctx.ingest.store().get(&i.blob_key).await {
+                    Ok(blob) => match c_move::dataset_of(&blob) {
+                        Some(ds) => out
+                            .store_on(
+                                ctx,
+                                &i.sop_class_uid,
+                                &i.sop_uid,
+                                ds,
+                                Some((calling, message_id)),
+                            )
+                            .await
+                            .ok(),
+                        None => None,
+                    },
+                    Err(e) => {
+                        tracing::error!(sop = %i.sop_uid, error = %e, "cannot read blob for C-MOVE");
+                        None
+                    }
+                },
+            };
+            counts.remaining -= 1;
+            match status {
+                Some(0) => counts.completed += 1,
+                Some(s) if s & 0xF000 == 0xB000 => counts.warning += 1,
+                _ => {
+                    counts.failed += 1;
+                    failed.push(i.sop_uid.clone());
+                }
+            }
+            let pending = c_move::response(message_id, sop_class, Status::Pending, counts, None);
+            self.send(&pdu::encode_pdata(pc_id, true, &pending, self.peer_max_pdu))
+                .await?;
+        }
+        let _ = out.release().await;
+        let status = if counts.failed == 0 {
+            Status::Success
+        } else {
+            Status::SubOperationsFailed
+        };
+        Ok((status, counts, failed, None))
     }
 
     /// Answers a command with `response`, after reading and dropping its data set if any.
@@ -455,6 +677,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     pc_id,
                     message_id,
                     sop_class,
+                    op: QueryOp::Find,
+                    buf: Vec::new(),
+                })
+            }
+            Command::Move {
+                message_id,
+                sop_class,
+                destination,
+            } => {
+                let op = QueryOp::Move { destination };
+                Ok(State::Identifier {
+                    pc_id,
+                    message_id,
+                    sop_class,
+                    op,
                     buf: Vec::new(),
                 })
             }

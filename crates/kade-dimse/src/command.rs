@@ -19,6 +19,10 @@ pub mod field {
     pub const C_FIND_RQ: u16 = 0x0020;
     /// C-FIND-RSP.
     pub const C_FIND_RSP: u16 = 0x8020;
+    /// C-MOVE-RQ.
+    pub const C_MOVE_RQ: u16 = 0x0021;
+    /// C-MOVE-RSP.
+    pub const C_MOVE_RSP: u16 = 0x8021;
     /// C-CANCEL-RQ.
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
 }
@@ -47,6 +51,16 @@ pub mod tag {
     pub const MOVE_ORIGINATOR_AE_TITLE: u16 = 0x1030;
     #[allow(missing_docs)]
     pub const MOVE_ORIGINATOR_MESSAGE_ID: u16 = 0x1031;
+    #[allow(missing_docs)]
+    pub const MOVE_DESTINATION: u16 = 0x0600;
+    #[allow(missing_docs)]
+    pub const NUMBER_OF_REMAINING_SUBOPERATIONS: u16 = 0x1020;
+    #[allow(missing_docs)]
+    pub const NUMBER_OF_COMPLETED_SUBOPERATIONS: u16 = 0x1021;
+    #[allow(missing_docs)]
+    pub const NUMBER_OF_FAILED_SUBOPERATIONS: u16 = 0x1022;
+    #[allow(missing_docs)]
+    pub const NUMBER_OF_WARNING_SUBOPERATIONS: u16 = 0x1023;
 }
 
 /// CommandDataSetType value meaning "no data set follows".
@@ -187,6 +201,15 @@ pub enum Command {
         /// Affected SOP Class UID (the query/retrieve information model).
         sop_class: String,
     },
+    /// C-MOVE-RQ (PS3.7 §9.3.4); the identifier follows as a data set.
+    Move {
+        /// Message ID.
+        message_id: u16,
+        /// Affected SOP Class UID (the query/retrieve information model).
+        sop_class: String,
+        /// Move Destination AE title.
+        destination: String,
+    },
     /// C-CANCEL-RQ (PS3.7 §9.3.2.3): cancel the operation with this Message ID.
     Cancel {
         /// Message ID Being Responded To.
@@ -268,6 +291,23 @@ impl Command {
                     reason: CommandError::Missing("AffectedSOPClassUID"),
                 },
             },
+            field::C_MOVE_RQ => match (sop_class, cs.str(tag::MOVE_DESTINATION)) {
+                (Some(sop_class), Some(destination)) => Command::Move {
+                    message_id,
+                    sop_class,
+                    destination,
+                },
+                (c, _) => Command::Invalid {
+                    command_field,
+                    message_id,
+                    has_data_set,
+                    reason: CommandError::Missing(if c.is_none() {
+                        "AffectedSOPClassUID"
+                    } else {
+                        "MoveDestination"
+                    }),
+                },
+            },
             field::C_CANCEL_RQ => Command::Cancel {
                 message_id: cs.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO).unwrap_or(0),
             },
@@ -284,7 +324,7 @@ impl Command {
     pub fn has_data_set(&self) -> bool {
         match self {
             Command::Echo { .. } | Command::Cancel { .. } => false,
-            Command::Store { .. } | Command::Find { .. } => true,
+            Command::Store { .. } | Command::Find { .. } | Command::Move { .. } => true,
             Command::Unsupported { has_data_set, .. } | Command::Invalid { has_data_set, .. } => {
                 *has_data_set
             }

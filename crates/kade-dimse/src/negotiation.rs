@@ -65,6 +65,8 @@ pub fn negotiate(rq: &AssociationRQ, peer: &Peer, our_max_pdu: u32) -> Negotiate
                 Some(Permission::Echo)
             } else if crate::c_find::is_find_sop_class(abs) {
                 Some(Permission::Find)
+            } else if crate::c_move::is_move_sop_class(abs) {
+                Some(Permission::Move)
             } else if is_storage_sop_class(abs) {
                 Some(Permission::Store)
             } else {
@@ -171,7 +173,7 @@ mod tests {
                 "1.2.840.10008.5.1.4.1.1.2",
                 vec!["9.9.9", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"],
             ),
-            (5, "1.2.840.10008.5.1.4.1.2.2.2", vec!["1.2.840.10008.1.2"]), // Study Root MOVE: not served yet
+            (5, "1.2.840.10008.5.1.4.1.2.2.3", vec!["1.2.840.10008.1.2"]), // Study Root GET: not served yet
             (7, "1.2.840.10008.5.1.4.1.1.4", vec!["9.9.9"]),
             (9, "1.2.840.10008.5.1.4.1.2.2.1", vec!["1.2.840.10008.1.2"]), // Study Root FIND: not permitted
         ]);

@@ -23,6 +23,20 @@ impl PeerDirectory {
         PeerDirectory { configured, index }
     }
 
+    /// The peer with this AE title, wherever it connects from (C-MOVE destinations).
+    pub async fn by_ae(&self, ae: &AeTitle) -> Option<Peer> {
+        if let Some(p) = self.configured.iter().find(|p| &p.ae_title == ae) {
+            return Some(p.clone());
+        }
+        let index = self.index.as_ref()?;
+        index
+            .peers()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|p| &p.ae_title == ae)
+    }
+
     /// The peer with this AE title that may connect from `addr`.
     pub async fn find(&self, ae: &AeTitle, addr: IpAddr) -> Option<Peer> {
         let matches = |p: &Peer| &p.ae_title == ae && p.matches_address(addr);

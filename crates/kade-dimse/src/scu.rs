@@ -143,6 +143,43 @@ impl ScuAssociation {
             .map(|(id, _, ts)| (*id, ts.as_str()))
     }
 
+    /// The accepted context for an abstract syntax in exactly transfer syntax `ts`.
+    pub fn context_in(&self, abstract_syntax: &str, ts: &str) -> Option<u8> {
+        self.accepted
+            .iter()
+            .find(|(_, a, t)| a == abstract_syntax && t == ts)
+            .map(|(id, _, _)| *id)
+    }
+
+    /// Sends a C-STORE-RQ on context `pc`, with Move Originator fields when given, then
+    /// `dataset`, and returns the response status.
+    ///
+    /// # Errors
+    /// Protocol or connection failures.
+    pub async fn store_on(
+        &mut self,
+        pc: u8,
+        sop_class: &str,
+        sop_instance: &str,
+        dataset: &[u8],
+        move_originator: Option<(&str, u16)>,
+    ) -> Result<u16, ScuError> {
+        let mut cs = CommandSet::default();
+        cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, sop_class)
+            .set_u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
+            .set_u16(tag::MESSAGE_ID, self.msg_id())
+            .set_u16(tag::PRIORITY, 0)
+            .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0000)
+            .set_uid(tag::AFFECTED_SOP_INSTANCE_UID, sop_instance);
+        if let Some((ae, id)) = move_originator {
+            cs.set_text(tag::MOVE_ORIGINATOR_AE_TITLE, ae)
+                .set_u16(tag::MOVE_ORIGINATOR_MESSAGE_ID, id);
+        }
+        self.send(pc, true, &cs.encode()).await?;
+        self.send(pc, false, dataset).await?;
+        self.response_status().await
+    }
+
     /// Sends C-ECHO-RQ and returns the response status.
     ///
     /// # Errors

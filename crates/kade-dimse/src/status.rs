@@ -11,6 +11,12 @@ pub enum Status {
     IdentifierDoesNotMatch,
     /// C001: unable to process (C-FIND).
     UnableToProcess,
+    /// A801: the C-MOVE destination is not a configured peer.
+    MoveDestinationUnknown,
+    /// A702: refused, unable to perform sub-operations (destination unreachable).
+    UnableToPerformSubOperations,
+    /// B000: sub-operations complete, one or more failed.
+    SubOperationsFailed,
     /// C111: a different object already has this SOP Instance UID. A failure in the C-STORE
     /// "cannot understand" (Cxxx) family: the general status 0111 (Duplicate SOP Instance)
     /// is not a C-STORE status, and peers such as DCMTK treat it as unknown, not as failure.
@@ -37,6 +43,9 @@ impl Status {
             Status::Pending => 0xFF00,
             Status::IdentifierDoesNotMatch => 0xA900,
             Status::UnableToProcess => 0xC001,
+            Status::MoveDestinationUnknown => 0xA801,
+            Status::UnableToPerformSubOperations => 0xA702,
+            Status::SubOperationsFailed => 0xB000,
             Status::DuplicateSopInstance => 0xC111,
             Status::SopClassNotSupported => 0x0122,
             Status::NotAuthorized => 0x0124,

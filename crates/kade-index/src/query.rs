@@ -382,6 +382,10 @@ pub struct InstanceRow {
     pub columns: Option<i64>,
     /// Number of Frames.
     pub frames: Option<i64>,
+    /// Transfer syntax the instance is stored in.
+    pub transfer_syntax_uid: String,
+    /// Its blob.
+    pub blob_key: String,
 }
 
 fn conditions<K: Copy + std::fmt::Debug>(
@@ -483,7 +487,8 @@ impl Index {
         };
         let text = finish_sql(
             "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.instance_number, \
-             i.pixel_rows, i.pixel_columns, i.number_of_frames FROM instances i \
+             i.pixel_rows, i.pixel_columns, i.number_of_frames, i.transfer_syntax_uid, i.blob_key \
+             FROM instances i \
              JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = se.study_fk"
                 .into(),
             &sql,
@@ -508,6 +513,8 @@ impl Index {
                     rows: r.try_get(5)?,
                     columns: r.try_get(6)?,
                     frames: r.try_get(7)?,
+                    transfer_syntax_uid: r.try_get(8)?,
+                    blob_key: r.try_get(9)?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;

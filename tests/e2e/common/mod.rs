@@ -82,6 +82,11 @@ allow = ["echo"]
 ae_title = "FINDSCU"
 host = "127.0.0.1"
 allow = ["echo", "find"]
+
+[[dicom.peers]]
+ae_title = "MOVESCU"
+host = "127.0.0.1"
+allow = ["echo", "find", "move"]
 "#;
 
 /// A running (or stopped) `kade serve`.

@@ -1,0 +1,149 @@
+//! C-MOVE SCP (PS3.4 Annex C.4.2): the destination comes from configuration only; matching
+//! instances are sent over a new association as C-STORE sub-operations, in the transfer
+//! syntax they are stored in.
+
+use dicom_dictionary_std::tags;
+use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use kade_index::query::{InstanceKey, InstanceRow, LevelQuery};
+
+use crate::command::{CommandSet, field, tag};
+use crate::status::Status;
+
+/// Patient Root Query/Retrieve Information Model - MOVE.
+pub const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
+/// Study Root Query/Retrieve Information Model - MOVE.
+pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
+
+/// Most instances one C-MOVE sends.
+pub const MAX_INSTANCES: i64 = 100_000;
+
+/// Whether `uid` is a C-MOVE information model Kade serves.
+pub fn is_move_sop_class(uid: &str) -> bool {
+    uid == PATIENT_ROOT_MOVE || uid == STUDY_ROOT_MOVE
+}
+
+/// Sub-operation counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Not yet sent.
+    pub remaining: u16,
+    /// Stored by the destination.
+    pub completed: u16,
+    /// Refused by the destination, or not sendable.
+    pub failed: u16,
+    /// Stored with a warning.
+    pub warning: u16,
+}
+
+/// Encodes a C-MOVE-RSP command set.
+pub fn response(
+    message_id: u16,
+    sop_class: &str,
+    status: Status,
+    counts: Counts,
+    comment: Option<&str>,
+) -> Vec<u8> {
+    let mut cs = CommandSet::default();
+    cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, sop_class)
+        .set_u16(tag::COMMAND_FIELD, field::C_MOVE_RSP)
+        .set_u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, message_id)
+        .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0101)
+        .set_u16(tag::STATUS, status.code());
+    if status != Status::Success || counts.remaining > 0 || counts.completed > 0 {
+        cs.set_u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, counts.completed)
+            .set_u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, counts.failed)
+            .set_u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, counts.warning);
+    }
+    if status == Status::Pending {
+        cs.set_u16(tag::NUMBER_OF_REMAINING_SUBOPERATIONS, counts.remaining);
+    }
+    if let Some(c) = comment {
+        let c: String = c
+            .chars()
+            .filter(|c| c.is_ascii() && !c.is_control())
+            .take(64)
+            .collect();
+        cs.set_text(tag::ERROR_COMMENT, &c);
+    }
+    cs.encode()
+}
+
+/// The instance-level query a C-MOVE identifier asks for (unique keys per PS3.4 C.4.2.2.1).
+///
+/// # Errors
+/// A sentence when the identifier is unusable.
+pub fn query_of(identifier: &[u8], ts: &str) -> Result<LevelQuery<InstanceKey>, String> {
+    let ts = TransferSyntaxRegistry
+        .get(ts)
+        .ok_or("unknown transfer syntax")?;
+    let req = InMemDicomObject::read_dataset_with_ts(identifier, ts)
+        .map_err(|_| "identifier cannot be parsed")?;
+    let text = |t| {
+        req.get(t)
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let level = text(tags::QUERY_RETRIEVE_LEVEL).unwrap_or_default();
+    let (needed, keys): (&[_], &[_]) = match level.as_str() {
+        "STUDY" => (
+            &[tags::STUDY_INSTANCE_UID],
+            &[(tags::STUDY_INSTANCE_UID, InstanceKey::StudyInstanceUid)],
+        ),
+        "SERIES" => (
+            &[tags::SERIES_INSTANCE_UID],
+            &[
+                (tags::STUDY_INSTANCE_UID, InstanceKey::StudyInstanceUid),
+                (tags::SERIES_INSTANCE_UID, InstanceKey::SeriesInstanceUid),
+            ],
+        ),
+        "IMAGE" => (
+            &[tags::SOP_INSTANCE_UID],
+            &[
+                (tags::STUDY_INSTANCE_UID, InstanceKey::StudyInstanceUid),
+                (tags::SERIES_INSTANCE_UID, InstanceKey::SeriesInstanceUid),
+                (tags::SOP_INSTANCE_UID, InstanceKey::SopInstanceUid),
+            ],
+        ),
+        _ => return Err("query level not served for C-MOVE (STUDY, SERIES, IMAGE are)".into()),
+    };
+    if needed.iter().any(|t| text(*t).is_none()) {
+        return Err(format!(
+            "a {level} level C-MOVE needs the {level} unique key"
+        ));
+    }
+    let matches = keys
+        .iter()
+        .filter_map(|(t, k)| Some((*k, text(*t)?)))
+        .collect();
+    Ok(LevelQuery {
+        matches,
+        limit: Some(MAX_INSTANCES),
+        offset: 0,
+    })
+}
+
+/// The presentation contexts to propose for `instances`: one per SOP class and stored
+/// transfer syntax, so every instance can go as stored.
+pub fn proposals(instances: &[InstanceRow]) -> Vec<(String, Vec<String>)> {
+    let mut v: Vec<(String, Vec<String>)> = Vec::new();
+    for i in instances {
+        let p = (i.sop_class_uid.clone(), vec![i.transfer_syntax_uid.clone()]);
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    }
+    v.truncate(128); // the most presentation contexts one association can carry
+    v
+}
+
+/// The data set of a stored Part 10 blob (the bytes after the File Meta group).
+pub fn dataset_of(blob: &[u8]) -> Option<&[u8]> {
+    if blob.len() < 144 || &blob[128..132] != b"DICM" || blob[132..136] != [2, 0, 0, 0] {
+        return None;
+    }
+    let end = 144 + u32::from_le_bytes(blob[140..144].try_into().ok()?) as usize;
+    blob.get(end..)
+}
