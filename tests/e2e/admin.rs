@@ -79,7 +79,12 @@ async fn peers_can_be_managed_at_run_time() {
             .iter()
             .map(|p| p["ae_title"].as_str().unwrap().to_owned())
             .collect();
-        assert_eq!(aes, ["STORESCU", "ECHOONLY", "FINDSCU", "MOVESCU", "WS1"]);
+        assert_eq!(
+            aes,
+            [
+                "STORESCU", "ECHOONLY", "FINDSCU", "MOVESCU", "GETSCU", "WS1"
+            ]
+        );
         assert!(node.cli(&["peer", "remove", "WS1"]).status.success());
         assert!(!node.dcmtk(&echoscu, "WS1", &[], &[]).status.success());
         let bad = node.cli(&["peer", "add", "WS2", "--host", "not-an-address"]);

@@ -338,3 +338,83 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
         let _ = scp.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_get_returns_a_series_on_the_same_association() {
+    let Some(getscu) = tools::dcmtk("getscu") else {
+        return;
+    };
+    let Some(storescu) = tools::dcmtk("storescu") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#gen::CtSpec::small(2, 3);
+    let files = r#gen::ct_study(dir.path(), &spec);
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let o = node.dcmtk(&storescu, "STORESCU", &[], &files);
+        assert!(o.status.success(), "{}", tools::text(&o));
+        let out_dir = tempfile::tempdir().unwrap();
+        let series = format!("SeriesInstanceUID={}.2", spec.study_uid);
+        let study = format!("StudyInstanceUID={}", spec.study_uid);
+        let args = [
+            "-v",
+            "-S",
+            "-od",
+            out_dir.path().to_str().unwrap(),
+            "-k",
+            "QueryRetrieveLevel=SERIES",
+            "-k",
+            &study,
+            "-k",
+            &series,
+        ];
+        let out = tools::text(&node.dcmtk(&getscu, "GETSCU", &args, &[]));
+        assert!(
+            out.contains("Received C-GET Response (Success)"),
+            "[{}] {out}",
+            b.name
+        );
+        let got = crate::common::list_files(out_dir.path());
+        assert_eq!(got.len(), 3, "[{}] {out}", b.name);
+        for f in files
+            .iter()
+            .filter(|f| f.file_name().unwrap().to_str().unwrap().starts_with("s1_"))
+        {
+            let sent = kade_testkit::part10::Part10::read(f).unwrap();
+            let arrived = got
+                .iter()
+                .map(|g| dicom_object::open_file(g).unwrap())
+                .find(|o| text(o, tags::SOP_INSTANCE_UID) == sent.sop_instance)
+                .expect("instance arrived");
+            let sent_px = dicom_object::open_file(f)
+                .unwrap()
+                .element(tags::PIXEL_DATA)
+                .unwrap()
+                .to_bytes()
+                .unwrap()
+                .into_owned();
+            let got_px = arrived
+                .element(tags::PIXEL_DATA)
+                .unwrap()
+                .to_bytes()
+                .unwrap()
+                .into_owned();
+            assert_eq!(got_px, sent_px, "[{}] pixel data differs", b.name);
+        }
+        // A peer without the get permission has no C-GET context.
+        let out = tools::text(&node.dcmtk(&getscu, "FINDSCU", &args, &[]));
+        assert!(
+            !out.contains("Received C-GET Response"),
+            "[{}] {out}",
+            b.name
+        );
+        let tail =
+            String::from_utf8(node.cli(&["audit", "tail", "-n", "20", "--json"]).stdout).unwrap();
+        assert!(
+            tail.contains("C-GET: 3 completed, 0 failed"),
+            "[{}] {tail}",
+            b.name
+        );
+    }
+}

@@ -64,6 +64,7 @@ struct MoveRequest<'a> {
 enum QueryOp {
     Find,
     Move { destination: String },
+    Get,
 }
 
 enum State {
@@ -314,6 +315,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 match op {
                     QueryOp::Find => {
                         self.find(pc_id, message_id, &sop_class, &buf, neg, source)
+                            .await?
+                    }
+                    QueryOp::Get => {
+                        self.get_op(pc_id, message_id, &sop_class, &buf, neg, source)
                             .await?
                     }
                     QueryOp::Move { destination } => {
@@ -592,6 +597,178 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         Ok((status, counts, failed, None))
     }
 
+    /// Runs a C-GET: C-STORE sub-operations on this association, pending responses with
+    /// counters after each, then the final response.
+    async fn get_op(
+        &mut self,
+        pc_id: u8,
+        message_id: u16,
+        sop_class: &str,
+        identifier: &[u8],
+        neg: &Negotiated,
+        source: &kade_ingest::Source,
+    ) -> Result<(), End> {
+        use crate::c_move::{self, Counts};
+        use crate::command::field::C_GET_RSP;
+        let ts = neg
+            .contexts
+            .get(&pc_id)
+            .map(|c| c.transfer_syntax.clone())
+            .unwrap_or_default();
+        let respond = |status, counts, why: Option<&str>| {
+            c_move::retrieve_response(C_GET_RSP, message_id, sop_class, status, counts, why)
+        };
+        let index = self.ctx.ingest.index().clone();
+        let instances = match c_move::query_of(identifier, &ts) {
+            Err(why) => Err((Status::IdentifierDoesNotMatch, why)),
+            Ok(q) => match index.find_instances(&q).await {
+                Ok(Ok(i)) => Ok(i),
+                Ok(Err(e)) => Err((Status::IdentifierDoesNotMatch, e.to_string())),
+                Err(e) => {
+                    tracing::error!(error = %e, "C-GET query failed");
+                    Err((Status::UnableToProcess, "index query failed".to_owned()))
+                }
+            },
+        };
+        let instances = match instances {
+            Ok(i) => i,
+            Err((status, why)) => {
+                let last = respond(status, Counts::default(), Some(&why));
+                return self
+                    .send(&pdu::encode_pdata(pc_id, true, &last, self.peer_max_pdu))
+                    .await;
+            }
+        };
+        let mut counts = Counts {
+            remaining: instances.len().min(u16::MAX as usize) as u16,
+            ..Counts::default()
+        };
+        let mut failed = Vec::new();
+        let mut cancelled = false;
+        for (n, i) in instances.iter().enumerate() {
+            let ctx = neg.contexts.iter().find(|(_, c)| {
+                c.abstract_syntax == i.sop_class_uid && c.transfer_syntax == i.transfer_syntax_uid
+            });
+            let blob = match ctx {
+                Some(_) => self.ctx.ingest.store().get(&i.blob_key).await.ok(),
+                None => None,
+            };
+            let status = match (ctx, blob.as_deref().and_then(c_move::dataset_of)) {
+                (Some((&store_pc, _)), Some(ds)) => {
+                    let mut cs = crate::command::CommandSet::default();
+                    cs.set_uid(
+                        crate::command::tag::AFFECTED_SOP_CLASS_UID,
+                        &i.sop_class_uid,
+                    )
+                    .set_u16(
+                        crate::command::tag::COMMAND_FIELD,
+                        crate::command::field::C_STORE_RQ,
+                    )
+                    .set_u16(crate::command::tag::MESSAGE_ID, n as u16 + 1)
+                    .set_u16(crate::command::tag::PRIORITY, 0)
+                    .set_u16(crate::command::tag::COMMAND_DATA_SET_TYPE, 0)
+                    .set_uid(crate::command::tag::AFFECTED_SOP_INSTANCE_UID, &i.sop_uid);
+                    self.send(&pdu::encode_pdata(
+                        store_pc,
+                        true,
+                        &cs.encode(),
+                        self.peer_max_pdu,
+                    ))
+                    .await?;
+                    self.send(&pdu::encode_pdata(store_pc, false, ds, self.peer_max_pdu))
+                        .await?;
+                    match self.read_command().await? {
+                        cs if cs.u16(crate::command::tag::COMMAND_FIELD)
+                            == Some(crate::command::field::C_STORE_RSP) =>
+                        {
+                            cs.u16(crate::command::tag::STATUS)
+                        }
+                        _ => {
+                            cancelled = true; // a C-CANCEL (or anything else) ends the sub-operations
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            counts.remaining -= 1;
+            match status {
+                Some(0) => counts.completed += 1,
+                Some(s) if s & 0xF000 == 0xB000 => counts.warning += 1,
+                _ => {
+                    counts.failed += 1;
+                    failed.push(i.sop_uid.clone());
+                }
+            }
+            if cancelled {
+                break;
+            }
+            let pending = respond(Status::Pending, counts, None);
+            self.send(&pdu::encode_pdata(pc_id, true, &pending, self.peer_max_pdu))
+                .await?;
+        }
+        let status = if cancelled {
+            Status::Cancelled
+        } else if counts.failed == 0 {
+            Status::Success
+        } else {
+            Status::SubOperationsFailed
+        };
+        let last = respond(
+            status,
+            Counts {
+                remaining: if cancelled { counts.remaining } else { 0 },
+                ..counts
+            },
+            None,
+        );
+        self.send(&pdu::encode_pdata(pc_id, true, &last, self.peer_max_pdu))
+            .await?;
+        let outcome = if status == Status::Success {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let mut ev =
+            AuditEvent::new(EventKind::Retrieve, outcome, source.actor.clone()).detail(format!(
+                "C-GET: {} completed, {} failed",
+                counts.completed, counts.failed
+            ));
+        ev.actor_address = source.address.clone();
+        self.audit(ev).await;
+        Ok(())
+    }
+
+    /// Reads one complete command set from the peer (during sub-operations on this association).
+    async fn read_command(&mut self) -> Result<CommandSet, End> {
+        let mut buf = Vec::new();
+        loop {
+            match self.read(self.ctx.opts.read_timeout).await? {
+                Received::Data(pdvs) => {
+                    for p in pdvs {
+                        if !p.is_command {
+                            return Err(End::Protocol(
+                                "data set where a response was expected".into(),
+                            ));
+                        }
+                        buf.extend_from_slice(&p.data);
+                        if p.is_last {
+                            return CommandSet::decode(&buf)
+                                .map_err(|e| End::Protocol(e.to_string()));
+                        }
+                    }
+                }
+                Received::Control(Pdu::AbortRQ { .. }) => return Err(End::Closed),
+                Received::Control(p) => {
+                    return Err(End::Protocol(format!(
+                        "unexpected {}",
+                        p.short_description()
+                    )));
+                }
+            }
+        }
+    }
+
     /// Answers a command with `response`, after reading and dropping its data set if any.
     async fn refuse(
         &mut self,
@@ -681,6 +858,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     buf: Vec::new(),
                 })
             }
+            Command::Get {
+                message_id,
+                sop_class,
+            } => Ok(State::Identifier {
+                pc_id,
+                message_id,
+                sop_class,
+                op: QueryOp::Get,
+                buf: Vec::new(),
+            }),
             Command::Move {
                 message_id,
                 sop_class,

@@ -45,9 +45,28 @@ pub fn response(
     counts: Counts,
     comment: Option<&str>,
 ) -> Vec<u8> {
+    retrieve_response(
+        field::C_MOVE_RSP,
+        message_id,
+        sop_class,
+        status,
+        counts,
+        comment,
+    )
+}
+
+/// Encodes a C-MOVE-RSP or C-GET-RSP command set with sub-operation counters.
+pub fn retrieve_response(
+    command_field: u16,
+    message_id: u16,
+    sop_class: &str,
+    status: Status,
+    counts: Counts,
+    comment: Option<&str>,
+) -> Vec<u8> {
     let mut cs = CommandSet::default();
     cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, sop_class)
-        .set_u16(tag::COMMAND_FIELD, field::C_MOVE_RSP)
+        .set_u16(tag::COMMAND_FIELD, command_field)
         .set_u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, message_id)
         .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0101)
         .set_u16(tag::STATUS, status.code());

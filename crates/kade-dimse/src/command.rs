@@ -19,6 +19,10 @@ pub mod field {
     pub const C_FIND_RQ: u16 = 0x0020;
     /// C-FIND-RSP.
     pub const C_FIND_RSP: u16 = 0x8020;
+    /// C-GET-RQ.
+    pub const C_GET_RQ: u16 = 0x0010;
+    /// C-GET-RSP.
+    pub const C_GET_RSP: u16 = 0x8010;
     /// C-MOVE-RQ.
     pub const C_MOVE_RQ: u16 = 0x0021;
     /// C-MOVE-RSP.
@@ -210,6 +214,13 @@ pub enum Command {
         /// Move Destination AE title.
         destination: String,
     },
+    /// C-GET-RQ (PS3.7 §9.3.3); the identifier follows as a data set.
+    Get {
+        /// Message ID.
+        message_id: u16,
+        /// Affected SOP Class UID (the query/retrieve information model).
+        sop_class: String,
+    },
     /// C-CANCEL-RQ (PS3.7 §9.3.2.3): cancel the operation with this Message ID.
     Cancel {
         /// Message ID Being Responded To.
@@ -291,6 +302,18 @@ impl Command {
                     reason: CommandError::Missing("AffectedSOPClassUID"),
                 },
             },
+            field::C_GET_RQ => match sop_class {
+                Some(sop_class) => Command::Get {
+                    message_id,
+                    sop_class,
+                },
+                None => Command::Invalid {
+                    command_field,
+                    message_id,
+                    has_data_set,
+                    reason: CommandError::Missing("AffectedSOPClassUID"),
+                },
+            },
             field::C_MOVE_RQ => match (sop_class, cs.str(tag::MOVE_DESTINATION)) {
                 (Some(sop_class), Some(destination)) => Command::Move {
                     message_id,
@@ -324,7 +347,10 @@ impl Command {
     pub fn has_data_set(&self) -> bool {
         match self {
             Command::Echo { .. } | Command::Cancel { .. } => false,
-            Command::Store { .. } | Command::Find { .. } | Command::Move { .. } => true,
+            Command::Store { .. }
+            | Command::Find { .. }
+            | Command::Move { .. }
+            | Command::Get { .. } => true,
             Command::Unsupported { has_data_set, .. } | Command::Invalid { has_data_set, .. } => {
                 *has_data_set
             }

@@ -9,7 +9,7 @@
 //! - [`pdu`]: PDU framing with a length cap; P-DATA split into PDVs without copying.
 //! - [`command`]: the DIMSE command-set codec and the typed [`command::Command`] enum.
 //! - [`status`]: DIMSE status codes.
-//! - [`c_echo`], [`c_store`], [`c_find`], [`c_move`]: the services.
+//! - [`c_echo`], [`c_store`], [`c_find`], [`c_move`], [`c_get`]: the services.
 //! - [`scu`]: a small association requestor (outbound stores, tests).
 //!
 //! dicom-ul's association types are not used: they buffer PDUs without bound, lack timeouts
@@ -18,6 +18,7 @@
 pub mod association;
 pub mod c_echo;
 pub mod c_find;
+pub mod c_get;
 pub mod c_move;
 pub mod c_store;
 pub mod command;

@@ -7,7 +7,7 @@ use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::pdu::{
     AssociationAC, AssociationRQ, PresentationContextResult,
-    PresentationContextResultReason as Reason, UserVariableItem,
+    PresentationContextResultReason as Reason, RequestorRoles, UserVariableItem,
 };
 use kade_core::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, Peer, Permission};
 
@@ -56,6 +56,20 @@ pub struct Negotiated {
 /// Decides every proposed presentation context for `peer`.
 pub fn negotiate(rq: &AssociationRQ, peer: &Peer, our_max_pdu: u32) -> Negotiated {
     let mut contexts = HashMap::new();
+    // SCU/SCP role selection (PS3.7 D.3.3.4): a requestor that wants to receive C-STORE
+    // sub-operations of a C-GET proposes the SCP role for those storage classes.
+    let scp_role: Vec<(String, RequestorRoles)> = rq
+        .user_variables
+        .iter()
+        .filter_map(|u| match u {
+            UserVariableItem::ScuScpRoleSelectionSubItem(uid, roles) if roles.scp => {
+                Some((uid.trim_end_matches('\0').to_owned(), *roles))
+            }
+            _ => None,
+        })
+        .collect();
+    let wants_scp = |abs: &str| scp_role.iter().any(|(u, _)| u == abs);
+    let mut roles_accepted = Vec::new();
     let results = rq
         .presentation_contexts
         .iter()
@@ -67,6 +81,11 @@ pub fn negotiate(rq: &AssociationRQ, peer: &Peer, our_max_pdu: u32) -> Negotiate
                 Some(Permission::Find)
             } else if crate::c_move::is_move_sop_class(abs) {
                 Some(Permission::Move)
+            } else if crate::c_get::is_get_sop_class(abs) {
+                Some(Permission::Get)
+            } else if is_storage_sop_class(abs) && wants_scp(abs) && peer.may(Permission::Get) {
+                // Kade will send C-GET results on this context.
+                Some(Permission::Get)
             } else if is_storage_sop_class(abs) {
                 Some(Permission::Store)
             } else {
@@ -88,6 +107,9 @@ pub fn negotiate(rq: &AssociationRQ, peer: &Peer, our_max_pdu: u32) -> Negotiate
                 (Some(_), Some(_)) => Reason::Acceptance,
             };
             let transfer_syntax = ts.unwrap_or("1.2.840.10008.1.2").to_owned();
+            if reason == Reason::Acceptance && is_storage_sop_class(abs) && wants_scp(abs) {
+                roles_accepted.push(abs.to_owned());
+            }
             if reason == Reason::Acceptance {
                 contexts.insert(
                     pc.id,
@@ -118,11 +140,20 @@ pub fn negotiate(rq: &AssociationRQ, peer: &Peer, our_max_pdu: u32) -> Negotiate
         called_ae_title: rq.called_ae_title.clone(),
         application_context_name: APPLICATION_CONTEXT.to_owned(),
         presentation_contexts: results,
-        user_variables: vec![
+        user_variables: [
             UserVariableItem::MaxLength(our_max_pdu),
             UserVariableItem::ImplementationClassUID(IMPLEMENTATION_CLASS_UID.to_owned()),
             UserVariableItem::ImplementationVersionName(IMPLEMENTATION_VERSION_NAME.to_owned()),
-        ],
+        ]
+        .into_iter()
+        .chain(roles_accepted.iter().filter_map(|abs| {
+            let (uid, roles) = scp_role.iter().find(|(u, _)| u == abs)?;
+            Some(UserVariableItem::ScuScpRoleSelectionSubItem(
+                uid.clone(),
+                *roles,
+            ))
+        }))
+        .collect(),
     };
     Negotiated {
         ac,
@@ -173,7 +204,7 @@ mod tests {
                 "1.2.840.10008.5.1.4.1.1.2",
                 vec!["9.9.9", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"],
             ),
-            (5, "1.2.840.10008.5.1.4.1.2.2.3", vec!["1.2.840.10008.1.2"]), // Study Root GET: not served yet
+            (5, "1.2.840.10008.5.1.4.31", vec!["1.2.840.10008.1.2"]), // Modality Worklist: not served
             (7, "1.2.840.10008.5.1.4.1.1.4", vec!["9.9.9"]),
             (9, "1.2.840.10008.5.1.4.1.2.2.1", vec!["1.2.840.10008.1.2"]), // Study Root FIND: not permitted
         ]);
@@ -197,6 +228,34 @@ mod tests {
         assert_eq!(n.contexts[&3].transfer_syntax, "1.2.840.10008.1.2.4.70");
         assert_eq!(n.contexts.len(), 1);
         assert_eq!(n.peer_max_pdu, 16384);
+    }
+
+    #[test]
+    fn c_get_peers_get_storage_contexts_with_the_scp_role() {
+        let ct = "1.2.840.10008.5.1.4.1.1.2";
+        let mut r = rq(vec![
+            (1, crate::c_get::STUDY_ROOT_GET, vec!["1.2.840.10008.1.2"]),
+            (3, ct, vec!["1.2.840.10008.1.2.1"]),
+        ]);
+        r.user_variables
+            .push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                ct.into(),
+                RequestorRoles {
+                    scu: false,
+                    scp: true,
+                },
+            ));
+        // A get-only peer: the CT context is for Kade's C-STORE sub-operations.
+        let n = negotiate(&r, &peer(vec![Permission::Get]), 65536);
+        assert_eq!(n.contexts.len(), 2);
+        assert!(n.ac.user_variables.iter().any(|u| matches!(
+            u,
+            UserVariableItem::ScuScpRoleSelectionSubItem(uid, roles) if uid == ct && roles.scp
+        )));
+        // Without the role item, a get-only peer may not store.
+        r.user_variables.pop();
+        let n = negotiate(&r, &peer(vec![Permission::Get]), 65536);
+        assert_eq!(n.contexts.len(), 1);
     }
 
     #[test]

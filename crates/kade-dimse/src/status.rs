@@ -17,6 +17,8 @@ pub enum Status {
     UnableToPerformSubOperations,
     /// B000: sub-operations complete, one or more failed.
     SubOperationsFailed,
+    /// FE00: sub-operations terminated by a C-CANCEL.
+    Cancelled,
     /// C111: a different object already has this SOP Instance UID. A failure in the C-STORE
     /// "cannot understand" (Cxxx) family: the general status 0111 (Duplicate SOP Instance)
     /// is not a C-STORE status, and peers such as DCMTK treat it as unknown, not as failure.
@@ -46,6 +48,7 @@ impl Status {
             Status::MoveDestinationUnknown => 0xA801,
             Status::UnableToPerformSubOperations => 0xA702,
             Status::SubOperationsFailed => 0xB000,
+            Status::Cancelled => 0xFE00,
             Status::DuplicateSopInstance => 0xC111,
             Status::SopClassNotSupported => 0x0122,
             Status::NotAuthorized => 0x0124,

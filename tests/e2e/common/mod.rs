@@ -87,6 +87,11 @@ allow = ["echo", "find"]
 ae_title = "MOVESCU"
 host = "127.0.0.1"
 allow = ["echo", "find", "move"]
+
+[[dicom.peers]]
+ae_title = "GETSCU"
+host = "127.0.0.1"
+allow = ["echo", "get"]
 "#;
 
 /// A running (or stopped) `kade serve`.
