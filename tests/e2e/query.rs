@@ -233,6 +233,9 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
     let Some(storescp) = tools::dcmtk("storescp") else {
         return;
     };
+    let Some(dcmsend) = tools::dcmtk("dcmsend") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let spec = r#gen::CtSpec::small(2, 3);
     let files = r#gen::ct_study(dir.path(), &spec);
@@ -334,6 +337,80 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
             "[{}] {tail}",
             b.name
         );
+
+        // A destination that takes only uncompressed data cannot get a JPEG instance as
+        // stored: that sub-operation fails and is named in the final response.
+        let jpeg = testdata_dir().join("pydicom/SC_rgb_jpeg_dcmtk.dcm");
+        let o = node.dcmtk(
+            &dcmsend,
+            "STORESCU",
+            &["--decompress-never"],
+            std::slice::from_ref(&jpeg),
+        );
+        assert!(o.status.success(), "{}", tools::text(&o));
+        let jpeg_p = kade_testkit::part10::Part10::read(&jpeg).unwrap();
+        let plain = tempfile::tempdir().unwrap();
+        let port2 = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut scp2 = std::process::Command::new(&storescp)
+            .args(["-aet", "PLAINSCP", "-od"])
+            .arg(plain.path())
+            .arg(port2.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let add = node.cli(&[
+            "peer",
+            "add",
+            "PLAINSCP",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port2.to_string(),
+            "--allow",
+            "echo",
+        ]);
+        assert!(add.status.success());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let image = format!("SOPInstanceUID={}", jpeg_p.sop_instance);
+        let args = [
+            "-d",
+            "-S",
+            "-aem",
+            "PLAINSCP",
+            "-k",
+            "QueryRetrieveLevel=IMAGE",
+            "-k",
+            &image,
+        ];
+        let out = tools::text(&node.dcmtk(&movescu, "MOVESCU", &args, &[]));
+        assert!(
+            out.contains("Final Move Response") && out.contains("Warning"),
+            "[{}] {out}",
+            b.name
+        );
+        let listed = out
+            .lines()
+            .any(|l| l.contains("FailedSOPInstanceUIDList") && l.contains(&jpeg_p.sop_instance));
+        assert!(
+            listed,
+            "[{}] failed instance not listed in the final response: {out}",
+            b.name
+        );
+        assert!(crate::common::list_files(plain.path()).is_empty());
+        let tail =
+            String::from_utf8(node.cli(&["audit", "tail", "-n", "5", "--json"]).stdout).unwrap();
+        assert!(
+            tail.contains(&format!("0 completed, 1 failed ({})", jpeg_p.sop_instance)),
+            "[{}] {tail}",
+            b.name
+        );
+        let _ = scp2.kill();
+        let _ = scp2.wait();
         let _ = scp.kill();
         let _ = scp.wait();
     }

@@ -425,7 +425,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         neg: &Negotiated,
         source: &kade_ingest::Source,
     ) -> Result<(), End> {
-        use crate::c_move::{self, Counts};
+        use crate::c_move::Counts;
         let ts = neg
             .contexts
             .get(&pc_id)
@@ -442,18 +442,22 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             calling: &calling,
         };
         let (status, counts, failed, why) = self.move_instances(req).await?;
-        let last = c_move::response(
+        let counts = Counts {
+            remaining: 0,
+            ..counts
+        };
+        self.send_final(
+            pc_id,
+            crate::command::field::C_MOVE_RSP,
             message_id,
             sop_class,
             status,
-            Counts {
-                remaining: 0,
-                ..counts
-            },
+            counts,
             why.as_deref(),
-        );
-        self.send(&pdu::encode_pdata(pc_id, true, &last, self.peer_max_pdu))
-            .await?;
+            &failed,
+            &ts,
+        )
+        .await?;
         let outcome = if status == Status::Success {
             Outcome::Success
         } else {
@@ -616,7 +620,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             .map(|c| c.transfer_syntax.clone())
             .unwrap_or_default();
         let respond = |status, counts, why: Option<&str>| {
-            c_move::retrieve_response(C_GET_RSP, message_id, sop_class, status, counts, why)
+            c_move::retrieve_response(C_GET_RSP, message_id, sop_class, status, counts, why, false)
         };
         let index = self.ctx.ingest.index().clone();
         let instances = match c_move::query_of(identifier, &ts) {
@@ -714,16 +718,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         } else {
             Status::SubOperationsFailed
         };
-        let last = respond(
-            status,
-            Counts {
-                remaining: if cancelled { counts.remaining } else { 0 },
-                ..counts
-            },
-            None,
-        );
-        self.send(&pdu::encode_pdata(pc_id, true, &last, self.peer_max_pdu))
-            .await?;
+        let counts = Counts {
+            remaining: if cancelled { counts.remaining } else { 0 },
+            ..counts
+        };
+        self.send_final(
+            pc_id, C_GET_RSP, message_id, sop_class, status, counts, None, &failed, &ts,
+        )
+        .await?;
         let outcome = if status == Status::Success {
             Outcome::Success
         } else {
@@ -736,6 +738,40 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             ));
         ev.actor_address = source.address.clone();
         self.audit(ev).await;
+        Ok(())
+    }
+
+    /// Sends the final C-MOVE/C-GET response, with the Failed SOP Instance UID List when
+    /// sub-operations failed.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_final(
+        &mut self,
+        pc_id: u8,
+        command_field: u16,
+        message_id: u16,
+        sop_class: &str,
+        status: Status,
+        counts: crate::c_move::Counts,
+        why: Option<&str>,
+        failed: &[String],
+        ts: &str,
+    ) -> Result<(), End> {
+        let list = crate::c_move::failed_list(failed, ts);
+        let cmd = crate::c_move::retrieve_response(
+            command_field,
+            message_id,
+            sop_class,
+            status,
+            counts,
+            why,
+            list.is_some(),
+        );
+        self.send(&pdu::encode_pdata(pc_id, true, &cmd, self.peer_max_pdu))
+            .await?;
+        if let Some(list) = list {
+            self.send(&pdu::encode_pdata(pc_id, false, &list, self.peer_max_pdu))
+                .await?;
+        }
         Ok(())
     }
 

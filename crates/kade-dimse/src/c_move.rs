@@ -52,6 +52,7 @@ pub fn response(
         status,
         counts,
         comment,
+        false,
     )
 }
 
@@ -63,12 +64,16 @@ pub fn retrieve_response(
     status: Status,
     counts: Counts,
     comment: Option<&str>,
+    data_set: bool,
 ) -> Vec<u8> {
     let mut cs = CommandSet::default();
     cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, sop_class)
         .set_u16(tag::COMMAND_FIELD, command_field)
         .set_u16(tag::MESSAGE_ID_BEING_RESPONDED_TO, message_id)
-        .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0101)
+        .set_u16(
+            tag::COMMAND_DATA_SET_TYPE,
+            if data_set { 0x0001 } else { 0x0101 },
+        )
         .set_u16(tag::STATUS, status.code());
     if status != Status::Success || counts.remaining > 0 || counts.completed > 0 {
         cs.set_u16(tag::NUMBER_OF_COMPLETED_SUBOPERATIONS, counts.completed)
@@ -156,6 +161,26 @@ pub fn proposals(instances: &[InstanceRow]) -> Vec<(String, Vec<String>)> {
     }
     v.truncate(128); // the most presentation contexts one association can carry
     v
+}
+
+/// The identifier of a final response after failed sub-operations: the Failed SOP Instance
+/// UID List (0008,0058), encoded in transfer syntax `ts`.
+pub fn failed_list(failed: &[String], ts: &str) -> Option<Vec<u8>> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    if failed.is_empty() {
+        return None;
+    }
+    let ts = TransferSyntaxRegistry.get(ts)?;
+    let mut obj = InMemDicomObject::new_empty();
+    let uids: Vec<String> = failed.to_vec();
+    obj.put(DataElement::new(
+        tags::FAILED_SOP_INSTANCE_UID_LIST,
+        VR::UI,
+        PrimitiveValue::Strs(uids.into()),
+    ));
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, ts).ok()?;
+    Some(out)
 }
 
 /// The data set of a stored Part 10 blob (the bytes after the File Meta group).
