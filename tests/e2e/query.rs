@@ -197,6 +197,46 @@ async fn c_find_matches_at_study_series_and_image_level() {
             b.name
         );
 
+        // A peer limited to narrow queries and one match per query.
+        let add = node.cli(&[
+            "peer",
+            "add",
+            "REMOTE",
+            "--host",
+            "127.0.0.1",
+            "--allow",
+            "echo,find",
+            "--narrow-queries",
+            "--max-matches",
+            "1",
+        ]);
+        assert!(add.status.success(), "{}", tools::text(&add));
+        let mut sweep = ret.to_vec();
+        sweep.push("PatientName=*");
+        let (ok, found) = find(&node, &findscu, "REMOTE", &sweep);
+        assert!(
+            !ok && found.is_empty(),
+            "[{}] a PatientName=* sweep was answered",
+            b.name
+        );
+        let mut two = ret.to_vec();
+        two.push("PatientName=Compressed*"); // CT_small and MR_small
+        let (ok, found) = find(&node, &findscu, "REMOTE", &two);
+        assert!(!ok, "[{}] a cut answer must not end in success", b.name);
+        assert_eq!(found.len(), 1, "[{}] max_matches not applied", b.name);
+        let tail =
+            String::from_utf8(node.cli(&["audit", "tail", "-n", "5", "--json"]).stdout).unwrap();
+        assert!(
+            tail.contains("refused: query too broad"),
+            "[{}] {tail}",
+            b.name
+        );
+        assert!(
+            tail.contains("refused: more than 1 matches"),
+            "[{}] {tail}",
+            b.name
+        );
+
         // A peer without the find permission gets no query context.
         let (ok, found) = find(&node, &findscu, "STORESCU", &keys);
         assert!(

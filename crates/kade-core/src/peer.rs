@@ -101,6 +101,13 @@ pub struct Peer {
     pub port: Option<u16>,
     /// What the peer may do.
     pub allow: Vec<Permission>,
+    /// Most matches one C-FIND returns to this peer (default: Kade's global cap of 1,000).
+    #[serde(default)]
+    pub max_matches: Option<u32>,
+    /// Only queries that name a patient, a study or a date range are answered (a
+    /// `PatientName=*` sweep is refused and audited). Meant for peers outside the department.
+    #[serde(default)]
+    pub narrow_queries: bool,
 }
 
 impl Peer {
@@ -173,6 +180,8 @@ mod tests {
             host: parse_host("10.1.0.0/16").unwrap(),
             port: None,
             allow: vec![Permission::Store],
+            max_matches: None,
+            narrow_queries: false,
         };
         assert!(peer.matches_address("10.1.2.3".parse().unwrap()));
         assert!(!peer.matches_address("10.2.0.1".parse().unwrap()));

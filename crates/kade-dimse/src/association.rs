@@ -107,6 +107,7 @@ pub async fn serve<S>(
         ctx,
         addr,
         peer_max_pdu: 0,
+        limits: crate::c_find::Limits::default(),
     };
     let Some((neg, source)) = conn.establish().await else {
         return;
@@ -143,6 +144,8 @@ struct Conn<R, W> {
     ctx: Arc<Context>,
     addr: SocketAddr,
     peer_max_pdu: u32,
+    /// The query limits of the connected peer.
+    limits: crate::c_find::Limits,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
@@ -225,6 +228,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     ae_title: Some(calling),
                     address: Some(address),
                 };
+                self.limits = crate::c_find::Limits::of(&peer);
                 Some((neg, source))
             }
         }
@@ -384,7 +388,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             .unwrap_or_default();
         let index = self.ctx.ingest.index().clone();
         let ae = self.ctx.opts.ae_title.to_string();
-        let answer = crate::c_find::run(&index, &ae, message_id, sop_class, &ts, identifier).await;
+        let answer = crate::c_find::run(
+            &index,
+            &ae,
+            message_id,
+            sop_class,
+            &ts,
+            identifier,
+            self.limits,
+        )
+        .await;
         let pending = Response {
             command_field: crate::command::field::C_FIND_RSP,
             message_id,
@@ -405,8 +418,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         } else {
             Outcome::MinorFailure
         };
-        let mut ev = AuditEvent::new(EventKind::Query, outcome, source.actor.clone())
-            .detail(format!("{} matches; {}", answer.matches.len(), answer.keys));
+        let mut ev =
+            AuditEvent::new(EventKind::Query, outcome, source.actor.clone()).detail(format!(
+                "{} matches; {}{}",
+                answer.matches.len(),
+                answer.keys,
+                answer
+                    .last
+                    .error_comment
+                    .as_deref()
+                    .map(|c| format!("; refused: {c}"))
+                    .unwrap_or_default()
+            ));
         ev.actor_address = source.address.clone();
         self.audit(ev).await;
         Ok(())

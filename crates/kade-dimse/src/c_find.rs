@@ -17,8 +17,51 @@ pub const PATIENT_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.1.1";
 /// Study Root Query/Retrieve Information Model - FIND.
 pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 
-/// Most matches returned for one C-FIND; more are cut off with a warning in the log.
-pub const MAX_MATCHES: i64 = 1000;
+/// Most matches returned for one C-FIND unless the peer has its own limit.
+pub const MAX_MATCHES: u32 = 1000;
+
+/// What one peer may ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most matches returned; beyond them the final status is A700 (refused: out of
+    /// resources) with a comment asking for a narrower query.
+    pub max_matches: u32,
+    /// Only queries that name a patient, a study or a date range are answered.
+    pub narrow_queries: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_matches: MAX_MATCHES,
+            narrow_queries: false,
+        }
+    }
+}
+
+impl Limits {
+    /// The limits configured for `peer`.
+    pub fn of(peer: &kade_core::Peer) -> Self {
+        Limits {
+            max_matches: peer.max_matches.unwrap_or(MAX_MATCHES),
+            narrow_queries: peer.narrow_queries,
+        }
+    }
+}
+
+/// Whether a query names a patient, a study or a date range: a Patient ID, Study Instance UID
+/// or Accession Number without wildcards, a Patient's Name not starting with a wildcard, or a
+/// Study Date.
+fn is_narrow(matches: &[(StudyKey, String)]) -> bool {
+    matches.iter().any(|(k, v)| match k {
+        StudyKey::PatientId | StudyKey::StudyInstanceUid | StudyKey::AccessionNumber => {
+            !v.contains(['*', '?'])
+        }
+        StudyKey::PatientName => !v.starts_with(['*', '?']),
+        StudyKey::StudyDate => true,
+        _ => false,
+    })
+}
 
 /// Whether `uid` is a C-FIND information model Kade serves.
 pub fn is_find_sop_class(uid: &str) -> bool {
@@ -59,6 +102,7 @@ pub async fn run(
     sop_class: &str,
     ts: &str,
     identifier: &[u8],
+    limits: Limits,
 ) -> FindAnswer {
     let response = |status, comment: Option<&str>| Response {
         command_field: field::C_FIND_RSP,
@@ -90,19 +134,22 @@ pub async fn run(
     let level = text(&req, tags::QUERY_RETRIEVE_LEVEL).unwrap_or_default();
     let mut keys = vec![format!("level={level}")];
     let found = match level.as_str() {
-        "STUDY" => study_level(index, &req, &mut keys).await,
-        "SERIES" => series_level(index, &req, &mut keys).await,
-        "IMAGE" => image_level(index, &req, &mut keys).await,
+        "STUDY" => study_level(index, &req, &mut keys, limits).await,
+        "SERIES" => series_level(index, &req, &mut keys, limits).await,
+        "IMAGE" => image_level(index, &req, &mut keys, limits).await,
         _ => Err((
             Status::UnableToProcess,
             "query level not served (STUDY, SERIES, IMAGE are)".to_owned(),
         )),
     };
     let keys = keys.join(" ");
-    let rows = match found {
+    let mut rows = match found {
         Ok(rows) => rows,
         Err((status, why)) => return fail(status, &why, keys),
     };
+    // One more than the limit was asked for, to tell a full answer from a cut one.
+    let cut = rows.len() > limits.max_matches as usize;
+    rows.truncate(limits.max_matches as usize);
     let mut matches = Vec::with_capacity(rows.len());
     for values in &rows {
         let mut out = Vec::new();
@@ -114,9 +161,15 @@ pub async fn run(
         }
         matches.push(out);
     }
+    let last = if cut {
+        let why = format!("more than {} matches: narrow the query", limits.max_matches);
+        response(Status::OutOfResources, Some(&why))
+    } else {
+        response(Status::Success, None)
+    };
     FindAnswer {
         matches,
-        last: response(Status::Success, None),
+        last,
         keys,
     }
 }
@@ -158,10 +211,22 @@ fn db_failure<E: std::fmt::Display>(e: E) -> (Status, String) {
     (Status::UnableToProcess, "index query failed".to_owned())
 }
 
-async fn study_level(index: &Index, req: &InMemDicomObject, keys: &mut Vec<String>) -> Found {
+async fn study_level(
+    index: &Index,
+    req: &InMemDicomObject,
+    keys: &mut Vec<String>,
+    limits: Limits,
+) -> Found {
+    let matches = matching(req, MATCH_KEYS, keys);
+    if limits.narrow_queries && !is_narrow(&matches) {
+        return Err((
+            Status::UnableToProcess,
+            "query too broad: name a patient, a study or a date range".to_owned(),
+        ));
+    }
     let query = StudyQuery {
-        matches: matching(req, MATCH_KEYS, keys),
-        limit: Some(MAX_MATCHES),
+        matches,
+        limit: Some(i64::from(limits.max_matches) + 1),
         offset: 0,
     };
     let rows = index
@@ -172,7 +237,12 @@ async fn study_level(index: &Index, req: &InMemDicomObject, keys: &mut Vec<Strin
     Ok(rows.iter().map(study_values).collect())
 }
 
-async fn series_level(index: &Index, req: &InMemDicomObject, keys: &mut Vec<String>) -> Found {
+async fn series_level(
+    index: &Index,
+    req: &InMemDicomObject,
+    keys: &mut Vec<String>,
+    limits: Limits,
+) -> Found {
     const WANTED: &[(Tag, SeriesKey)] = &[
         (tags::STUDY_INSTANCE_UID, SeriesKey::StudyInstanceUid),
         (tags::SERIES_INSTANCE_UID, SeriesKey::SeriesInstanceUid),
@@ -183,7 +253,7 @@ async fn series_level(index: &Index, req: &InMemDicomObject, keys: &mut Vec<Stri
     ];
     let query = LevelQuery {
         matches: matching(req, WANTED, keys),
-        limit: Some(MAX_MATCHES),
+        limit: Some(i64::from(limits.max_matches) + 1),
         offset: 0,
     };
     let rows = index
@@ -214,7 +284,12 @@ async fn series_level(index: &Index, req: &InMemDicomObject, keys: &mut Vec<Stri
         .collect())
 }
 
-async fn image_level(index: &Index, req: &InMemDicomObject, keys: &mut Vec<String>) -> Found {
+async fn image_level(
+    index: &Index,
+    req: &InMemDicomObject,
+    keys: &mut Vec<String>,
+    limits: Limits,
+) -> Found {
     const WANTED: &[(Tag, InstanceKey)] = &[
         (tags::STUDY_INSTANCE_UID, InstanceKey::StudyInstanceUid),
         (tags::SERIES_INSTANCE_UID, InstanceKey::SeriesInstanceUid),
@@ -224,7 +299,7 @@ async fn image_level(index: &Index, req: &InMemDicomObject, keys: &mut Vec<Strin
     ];
     let query = LevelQuery {
         matches: matching(req, WANTED, keys),
-        limit: Some(MAX_MATCHES),
+        limit: Some(i64::from(limits.max_matches) + 1),
         offset: 0,
     };
     let rows = index

@@ -192,6 +192,8 @@ mod tests {
             host: parse_host("127.0.0.1").unwrap(),
             port: None,
             allow,
+            max_matches: None,
+            narrow_queries: false,
         }
     }
 

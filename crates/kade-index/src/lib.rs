@@ -62,16 +62,30 @@ pub struct Index {
     backend: Backend,
 }
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "archive",
-    include_str!("../../../migrations/sqlite/0001_archive.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "archive",
-    include_str!("../../../migrations/postgres/0001_archive.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "archive",
+        include_str!("../../../migrations/sqlite/0001_archive.sql"),
+    ),
+    (
+        2,
+        "peer query limits",
+        include_str!("../../../migrations/sqlite/0002_peer_query_limits.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "archive",
+        include_str!("../../../migrations/postgres/0001_archive.sql"),
+    ),
+    (
+        2,
+        "peer query limits",
+        include_str!("../../../migrations/postgres/0002_peer_query_limits.sql"),
+    ),
+];
 
 impl Index {
     /// Opens the index in the SQLite file at `path`, creating and migrating it if needed.

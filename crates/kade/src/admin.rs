@@ -39,12 +39,16 @@ pub async fn peer(cfg: &Config, cmd: PeerCommand) -> anyhow::Result<()> {
             host,
             port,
             allow,
+            max_matches,
+            narrow_queries,
         } => {
             let p = Peer {
                 ae_title: AeTitle::new(&ae_title).context("AE title")?,
                 host: peer::parse_host(&host).map_err(anyhow::Error::msg)?,
                 port,
                 allow: peer::parse_permissions(&allow).map_err(anyhow::Error::msg)?,
+                max_matches,
+                narrow_queries,
             };
             node.index.put_peer(&p).await?;
             record(

@@ -113,7 +113,7 @@ pub struct FsckArgs {
 pub enum PeerCommand {
     /// Allow a peer (replaces an existing one with the same AE title).
     #[command(
-        after_help = "Examples:\n  kade peer add CT1 --host 10.0.0.5 --allow echo,store\n  kade peer add WS1 --host 10.1.0.0/16 --port 104 --allow echo,find,move"
+        after_help = "Examples:\n  kade peer add CT1 --host 10.0.0.5 --allow echo,store\n  kade peer add WS1 --host 10.1.0.0/16 --port 104 --allow echo,find,move\n  kade peer add REMOTE --host 192.0.2.7 --allow echo,find --narrow-queries --max-matches 200"
     )]
     Add {
         /// The peer's AE title.
@@ -127,6 +127,12 @@ pub enum PeerCommand {
         /// Services the peer may use: echo, store, find, move, get, commit.
         #[arg(long, default_value = "echo,store", value_name = "LIST")]
         allow: String,
+        /// Most matches one C-FIND returns to this peer (default 1000).
+        #[arg(long, value_name = "N")]
+        max_matches: Option<u32>,
+        /// Answer only queries that name a patient, a study or a date range.
+        #[arg(long)]
+        narrow_queries: bool,
     },
     /// List peers (from the configuration file and from `kade peer add`).
     List {
