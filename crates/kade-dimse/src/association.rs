@@ -682,19 +682,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             };
             let status = match (ctx, blob.as_deref().and_then(c_move::dataset_of)) {
                 (Some((&store_pc, _)), Some(ds)) => {
-                    let mut cs = crate::command::CommandSet::default();
-                    cs.set_uid(
-                        crate::command::tag::AFFECTED_SOP_CLASS_UID,
+                    let cs = crate::command::store_request(
+                        n as u16 + 1,
                         &i.sop_class_uid,
-                    )
-                    .set_u16(
-                        crate::command::tag::COMMAND_FIELD,
-                        crate::command::field::C_STORE_RQ,
-                    )
-                    .set_u16(crate::command::tag::MESSAGE_ID, n as u16 + 1)
-                    .set_u16(crate::command::tag::PRIORITY, 0)
-                    .set_u16(crate::command::tag::COMMAND_DATA_SET_TYPE, 0)
-                    .set_uid(crate::command::tag::AFFECTED_SOP_INSTANCE_UID, &i.sop_uid);
+                        &i.sop_uid,
+                        None,
+                    );
                     self.send(&pdu::encode_pdata(
                         store_pc,
                         true,

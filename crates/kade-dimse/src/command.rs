@@ -177,6 +177,28 @@ fn padded(v: &str, pad: u8) -> Vec<u8> {
     b
 }
 
+/// A C-STORE-RQ command set (PS3.7 §9.3.1.1), with the Move Originator fields when the
+/// store is a C-MOVE sub-operation.
+pub fn store_request(
+    message_id: u16,
+    sop_class: &str,
+    sop_instance: &str,
+    move_originator: Option<(&str, u16)>,
+) -> CommandSet {
+    let mut cs = CommandSet::default();
+    cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, sop_class)
+        .set_u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
+        .set_u16(tag::MESSAGE_ID, message_id)
+        .set_u16(tag::PRIORITY, 0)
+        .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0000)
+        .set_uid(tag::AFFECTED_SOP_INSTANCE_UID, sop_instance);
+    if let Some((ae, id)) = move_originator {
+        cs.set_text(tag::MOVE_ORIGINATOR_AE_TITLE, ae)
+            .set_u16(tag::MOVE_ORIGINATOR_MESSAGE_ID, id);
+    }
+    cs
+}
+
 /// A DIMSE request, typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {

@@ -10,7 +10,7 @@ use kade_core::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
-use crate::command::{CommandSet, field, tag};
+use crate::command::{CommandSet, field, store_request, tag};
 use crate::negotiation::APPLICATION_CONTEXT;
 use crate::pdu::{self, Received};
 
@@ -164,17 +164,8 @@ impl ScuAssociation {
         dataset: &[u8],
         move_originator: Option<(&str, u16)>,
     ) -> Result<u16, ScuError> {
-        let mut cs = CommandSet::default();
-        cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, sop_class)
-            .set_u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
-            .set_u16(tag::MESSAGE_ID, self.msg_id())
-            .set_u16(tag::PRIORITY, 0)
-            .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0000)
-            .set_uid(tag::AFFECTED_SOP_INSTANCE_UID, sop_instance);
-        if let Some((ae, id)) = move_originator {
-            cs.set_text(tag::MOVE_ORIGINATOR_AE_TITLE, ae)
-                .set_u16(tag::MOVE_ORIGINATOR_MESSAGE_ID, id);
-        }
+        let id = self.msg_id();
+        let cs = store_request(id, sop_class, sop_instance, move_originator);
         self.send(pc, true, &cs.encode()).await?;
         self.send(pc, false, dataset).await?;
         self.response_status().await
@@ -226,14 +217,13 @@ impl ScuAssociation {
         let (pc, _) = self
             .context(sop_class)
             .ok_or_else(|| ScuError::NoContext(sop_class.into()))?;
-        let mut cs = CommandSet::default();
-        cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, sop_class)
-            .set_u16(tag::COMMAND_FIELD, field::C_STORE_RQ)
-            .set_u16(tag::MESSAGE_ID, self.msg_id())
-            .set_u16(tag::PRIORITY, 0)
-            .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0000)
-            .set_uid(tag::AFFECTED_SOP_INSTANCE_UID, sop_instance);
-        self.send(pc, true, &cs.encode()).await
+        let id = self.msg_id();
+        self.send(
+            pc,
+            true,
+            &store_request(id, sop_class, sop_instance, None).encode(),
+        )
+        .await
     }
 
     /// Sends P-DATA PDVs for `data` on context `pc` (the last one flagged last).

@@ -230,6 +230,15 @@ fn like_pattern(v: &str) -> String {
 }
 
 impl Index {
+    /// Runs a built query on the read pool.
+    async fn fetch(&self, text: &str, sql: &Sql) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+        let mut query = sqlx::query(text);
+        for p in &sql.params {
+            query = query.bind(p.as_str());
+        }
+        query.fetch_all(self.read_pool()).await
+    }
+
     /// Studies matching `q`, ordered by study date (newest first), then Study Instance UID.
     ///
     /// # Errors
@@ -270,11 +279,7 @@ impl Index {
             " ORDER BY st.study_date DESC, st.study_uid LIMIT {limit} OFFSET {}",
             q.offset.max(0)
         ));
-        let mut query = sqlx::query(&text);
-        for p in &sql.params {
-            query = query.bind(p.as_str());
-        }
-        let rows = query.fetch_all(self.read_pool()).await?;
+        let rows = self.fetch(&text, &sql).await?;
         let out = rows
             .iter()
             .map(|r| {
@@ -445,11 +450,7 @@ impl Index {
             q.limit,
             q.offset,
         );
-        let mut query = sqlx::query(&text);
-        for p in &sql.params {
-            query = query.bind(p.as_str());
-        }
-        let rows = query.fetch_all(self.read_pool()).await?;
+        let rows = self.fetch(&text, &sql).await?;
         let out = rows
             .iter()
             .map(|r| {
@@ -496,11 +497,7 @@ impl Index {
             q.limit,
             q.offset,
         );
-        let mut query = sqlx::query(&text);
-        for p in &sql.params {
-            query = query.bind(p.as_str());
-        }
-        let rows = query.fetch_all(self.read_pool()).await?;
+        let rows = self.fetch(&text, &sql).await?;
         let out = rows
             .iter()
             .map(|r| {
