@@ -310,35 +310,15 @@ async fn generated_multi_series_ct_study_over_one_association() {
 
 /// DCMTK's storescp in bit-preserving mode: records the exact data set bytes dcmsend puts on
 /// the wire for a file.
-struct WireRecorder {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-    port: u16,
-}
+struct WireRecorder(crate::common::StoreScp);
 
 impl WireRecorder {
     fn start(storescp: &std::path::Path) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new(storescp)
-            .args(["+B", "+xa", "-pm", "-aet", "REF", "-od"])
-            .arg(dir.path())
-            .arg(port.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        WireRecorder { child, dir, port }
+        WireRecorder(crate::common::StoreScp::start(
+            storescp,
+            "REF",
+            &["+B", "+xa", "-pm"],
+        ))
     }
 
     /// Returns the transfer syntax and data set bytes that arrived.
@@ -352,11 +332,11 @@ impl WireRecorder {
             "--decompress-never",
             "-nh",
             "127.0.0.1",
-            &self.port.to_string(),
+            &self.0.port.to_string(),
         ]);
         c.arg(&f.path);
         let o = tools::run(c);
-        let files = crate::common::list_files(self.dir.path());
+        let files = self.0.files();
         assert_eq!(
             files.len(),
             1,
@@ -368,12 +348,5 @@ impl WireRecorder {
         std::fs::remove_file(&files[0]).unwrap();
         let p = Part10::parse(bytes).unwrap();
         (p.transfer_syntax, p.dataset)
-    }
-}
-
-impl Drop for WireRecorder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

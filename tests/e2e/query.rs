@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use dicom_dictionary_std::tags;
 use kade_testkit::{r#gen, testdata_dir, tools};
 
-use crate::common::{Node, backends};
+use crate::common::{Node, StoreScp, backends};
 
 /// Runs findscu (Study Root) with `keys` and returns the response identifiers.
 fn find(
@@ -285,20 +285,8 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
         assert!(o.status.success(), "{}", tools::text(&o));
 
         // DCMTK's storescp as the destination, recording exactly what arrives.
-        let received = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut scp = std::process::Command::new(&storescp)
-            .args(["+B", "+xa", "-aet", "STORESCP", "-od"])
-            .arg(received.path())
-            .arg(port.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let scp = StoreScp::start(&storescp, "STORESCP", &["+B", "+xa"]);
+        let port = scp.port;
         let add = node.cli(&[
             "peer",
             "add",
@@ -311,7 +299,6 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
             "echo",
         ]);
         assert!(add.status.success());
-        std::thread::sleep(std::time::Duration::from_millis(300));
 
         let study = format!("StudyInstanceUID={}", spec.study_uid);
         let run = |dest: &str, level: &str, key: &str| {
@@ -324,7 +311,7 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
             "[{}] {out}",
             b.name
         );
-        let got = crate::common::list_files(received.path());
+        let got = scp.files();
         assert_eq!(got.len(), 6, "[{}] {out}", b.name);
         for f in &files {
             let sent = kade_testkit::part10::Part10::read(f).unwrap();
@@ -389,20 +376,8 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
         );
         assert!(o.status.success(), "{}", tools::text(&o));
         let jpeg_p = kade_testkit::part10::Part10::read(&jpeg).unwrap();
-        let plain = tempfile::tempdir().unwrap();
-        let port2 = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut scp2 = std::process::Command::new(&storescp)
-            .args(["-aet", "PLAINSCP", "-od"])
-            .arg(plain.path())
-            .arg(port2.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let plain = StoreScp::start(&storescp, "PLAINSCP", &[]);
+        let port2 = plain.port;
         let add = node.cli(&[
             "peer",
             "add",
@@ -415,7 +390,6 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
             "echo",
         ]);
         assert!(add.status.success());
-        std::thread::sleep(std::time::Duration::from_millis(300));
         let image = format!("SOPInstanceUID={}", jpeg_p.sop_instance);
         let args = [
             "-d",
@@ -441,7 +415,7 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
             "[{}] failed instance not listed in the final response: {out}",
             b.name
         );
-        assert!(crate::common::list_files(plain.path()).is_empty());
+        assert!(plain.files().is_empty());
         let tail =
             String::from_utf8(node.cli(&["audit", "tail", "-n", "5", "--json"]).stdout).unwrap();
         assert!(
@@ -449,10 +423,6 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
             "[{}] {tail}",
             b.name
         );
-        let _ = scp2.kill();
-        let _ = scp2.wait();
-        let _ = scp.kill();
-        let _ = scp.wait();
     }
 }
 

@@ -387,3 +387,54 @@ pub fn dataset_of(blob: &[u8]) -> Vec<u8> {
         .expect("stored blob is Part 10")
         .dataset
 }
+
+/// DCMTK's storescp, started on a free loopback port, writing into its own directory;
+/// stopped when dropped.
+#[derive(Debug)]
+pub struct StoreScp {
+    child: Child,
+    /// Where received instances are written.
+    pub dir: tempfile::TempDir,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+impl StoreScp {
+    /// Starts `storescp` as `aet` with extra `options` and waits until it accepts connections.
+    pub fn start(storescp: &Path, aet: &str, options: &[&str]) -> StoreScp {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(storescp)
+            .args(options)
+            .args(["-aet", aet, "-od"])
+            .arg(dir.path())
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        StoreScp { child, dir, port }
+    }
+
+    /// Files received so far.
+    pub fn files(&self) -> Vec<PathBuf> {
+        list_files(self.dir.path())
+    }
+}
+
+impl Drop for StoreScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
