@@ -73,6 +73,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "peer query limits",
         include_str!("../../../migrations/sqlite/0002_peer_query_limits.sql"),
     ),
+    (
+        3,
+        "auth",
+        include_str!("../../../migrations/sqlite/0003_auth.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -84,6 +89,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "peer query limits",
         include_str!("../../../migrations/postgres/0002_peer_query_limits.sql"),
+    ),
+    (
+        3,
+        "auth",
+        include_str!("../../../migrations/postgres/0003_auth.sql"),
     ),
 ];
 
@@ -174,6 +184,39 @@ impl Index {
     /// When no connection can be had.
     pub async fn begin_write(&self) -> Result<WriteTx, IndexError> {
         Ok(self.write.begin().await?)
+    }
+
+    /// A connection of the write pool, for callers that must be able to close it (see
+    /// `kade_ingest`'s group commit: after a failed commit the connection's transaction state
+    /// cannot be trusted, so it is closed instead of going back to the pool).
+    ///
+    /// # Errors
+    /// When no connection can be had.
+    pub async fn acquire_write(&self) -> Result<sqlx::pool::PoolConnection<Any>, IndexError> {
+        Ok(self.write.acquire().await?)
+    }
+
+    /// Whether `e` may have ended the database's transaction behind sqlx's back (SQLite rolls
+    /// a transaction back by itself on a full disk, an I/O error, lack of memory…), or lost the
+    /// connection. After such an error a batch must be failed as a whole and its connection
+    /// closed.
+    pub fn is_fatal(e: &sqlx::Error) -> bool {
+        match e {
+            sqlx::Error::Database(db) => {
+                // SQLite primary result codes: BUSY 5, NOMEM 7, INTERRUPT 9, IOERR 10,
+                // CORRUPT 11, FULL 13. PostgreSQL keeps its transaction state consistent.
+                db.code()
+                    .and_then(|c| c.parse::<i64>().ok())
+                    .is_some_and(|c| matches!(c & 0xff, 5 | 7 | 9 | 10 | 11 | 13))
+            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            _ => false,
+        }
     }
 
     /// The pool for read-only queries.

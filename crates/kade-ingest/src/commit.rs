@@ -104,16 +104,50 @@ async fn run(index: Index, mut rx: mpsc::Receiver<Job>) {
 
 async fn commit_batch(index: &Index, batch: Vec<Job>, cache: &mut SeriesCache) {
     let n = batch.len();
-    let mut tx = match index.begin_write().await {
-        Ok(tx) => tx,
+    let mut conn = match index.acquire_write().await {
+        Ok(c) => c,
         Err(e) => return fail_all(batch, &e.to_string()),
     };
-    let mut results = Vec::with_capacity(n);
-    for job in &batch {
+    match run_batch(&mut conn, &batch, cache).await {
+        Ok(results) => {
+            if n > 1 {
+                tracing::trace!(instances = n, "group commit");
+            }
+            for (job, r) in batch.into_iter().zip(results) {
+                let _ = job.done.send(r);
+            }
+        }
+        Err((why, close)) => {
+            cache.clear();
+            fail_all(batch, &why);
+            if close {
+                // Whatever sqlx believes about this connection's transactions may now be
+                // wrong (a later "commit" could release a savepoint inside a transaction that
+                // never commits): close it, and the pool opens a fresh one.
+                let _ = conn.close().await;
+            }
+        }
+    }
+}
+
+/// Runs a batch in one transaction. `Err((why, close the connection))` when nothing in it may
+/// be acknowledged.
+async fn run_batch(
+    conn: &mut sqlx::AnyConnection,
+    batch: &[Job],
+    cache: &mut SeriesCache,
+) -> Result<Vec<Result<InsertOutcome, IngestError>>, (String, bool)> {
+    let mut tx = conn
+        .begin()
+        .await
+        .map_err(|e| (e.to_string(), Index::is_fatal(&e)))?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
         if job.replace.is_some() {
             cache.clear(); // a replacement may remove emptied series and study rows
         }
         let r = match one(&mut tx, job, cache).await {
+            Err(e) if is_fatal(&e) => Err(e),
             Err(_)
                 if cache
                     .remove(job.rec.attrs.series.series_uid.as_str())
@@ -123,23 +157,26 @@ async fn commit_batch(index: &Index, batch: Vec<Job>, cache: &mut SeriesCache) {
             }
             r => r,
         };
+        if let Err(e) = &r {
+            if is_fatal(e) {
+                // The database may have rolled the whole transaction back by itself: nothing
+                // in this batch can be acknowledged.
+                return Err((e.to_string(), true));
+            }
+        }
         results.push(r);
     }
-    if let Err(e) = tx.commit().await {
-        cache.clear();
-        return fail_all(batch, &e.to_string());
-    }
-    if n > 1 {
-        tracing::trace!(instances = n, "group commit");
-    }
-    for (job, r) in batch.into_iter().zip(results) {
-        let _ = job.done.send(r);
-    }
+    tx.commit().await.map_err(|e| (e.to_string(), true))?;
+    Ok(results)
+}
+
+fn is_fatal(e: &IngestError) -> bool {
+    matches!(e, IngestError::Index(IndexError::Db(db)) if Index::is_fatal(db))
 }
 
 /// One instance inside its own savepoint.
 async fn one(
-    tx: &mut kade_index::WriteTx,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     job: &Job,
     cache: &mut SeriesCache,
 ) -> Result<InsertOutcome, IngestError> {
