@@ -9,7 +9,7 @@ use kade_testkit::{corpus, r#gen, part10::Part10, tools};
 use crate::common::{Node, backends, dataset_of};
 
 /// Files DCMTK will not send or that are broken on purpose; Kade must refuse or never see them.
-const UNSENDABLE_OR_BROKEN: &[&str] = &[
+pub(crate) const UNSENDABLE_OR_BROKEN: &[&str] = &[
     "pydicom/MR_truncated.dcm", // pixel data cut short: DCMTK refuses to read it
     "pydicom/rtplan_truncated.dcm", // cut short
     "pydicom/no_meta_group_length.dcm", // DCMTK cannot find the SOP Class in it

@@ -8,5 +8,7 @@ mod admin;
 mod association;
 mod corpus;
 mod crash;
+mod dicomweb;
 mod query;
 mod robustness;
+mod viewer;

@@ -524,7 +524,12 @@ async fn a_full_disk_refuses_stores_without_losing_or_corrupting_anything() {
         assert_eq!(a.store(CT, &p.sop_instance, &p.dataset).await.unwrap(), 0);
     }
     a.release().await.unwrap();
-    assert_eq!(node.stats()["instances"], files.len());
+    assert_eq!(
+        node.stats()["instances"],
+        files.len(),
+        "log:\n{}",
+        node.log()
+    );
     let index = node.index().await;
     for p in ok {
         let row = index.instance(&p.sop_instance).await.unwrap().unwrap();

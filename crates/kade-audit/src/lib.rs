@@ -44,6 +44,10 @@ pub enum EventKind {
     Retrieve,
     /// An administrative action (peer added or removed, repair by fsck).
     Admin,
+    /// A web request without valid credentials (Security Alert, 110113).
+    AuthenticationFailed,
+    /// An authenticated caller asked for something its role does not allow (Security Alert).
+    AccessDenied,
 }
 
 impl EventKind {
@@ -59,6 +63,8 @@ impl EventKind {
             EventKind::Query => "query",
             EventKind::Retrieve => "retrieve",
             EventKind::Admin => "admin",
+            EventKind::AuthenticationFailed => "authentication-failed",
+            EventKind::AccessDenied => "access-denied",
         }
     }
 }

@@ -54,6 +54,7 @@ impl StoreInProgress {
                 sop_class_uid,
                 sop_instance_uid,
                 transfer_syntax,
+                study_uid: None,
             },
             _ => {
                 s.failure = Some((

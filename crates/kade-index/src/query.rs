@@ -45,6 +45,8 @@ pub enum StudyKey {
     ReferringPhysicianName,
     /// StudyID (0020,0010).
     StudyId,
+    /// StudyDescription (0008,1030).
+    StudyDescription,
 }
 
 impl StudyKey {
@@ -58,6 +60,7 @@ impl StudyKey {
             StudyKey::ModalitiesInStudy => ("se.modality", Kind::Text),
             StudyKey::ReferringPhysicianName => ("st.referring_physician_search", Kind::PersonName),
             StudyKey::StudyId => ("st.study_id", Kind::Text),
+            StudyKey::StudyDescription => ("st.description", Kind::Text),
         }
     }
 }

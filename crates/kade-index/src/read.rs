@@ -151,6 +151,49 @@ impl Index {
         .await?)
     }
 
+    /// The stored DICOM JSON of every instance of a study, or of one of its series, as
+    /// `(series UID, SOP Instance UID, JSON)` ordered by series, instance number and UID.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn metadata_of(
+        &self,
+        study_uid: &str,
+        series_uid: Option<&str>,
+    ) -> Result<Vec<(String, String, String)>, IndexError> {
+        let mut text = String::from(
+            "SELECT se.series_uid, i.sop_uid, m.json FROM instance_metadata m \
+             JOIN instances i ON i.id = m.instance_fk JOIN series se ON se.id = i.series_fk \
+             JOIN studies st ON st.id = se.study_fk WHERE st.study_uid = $1",
+        );
+        if series_uid.is_some() {
+            text.push_str(" AND se.series_uid = $2");
+        }
+        text.push_str(" ORDER BY se.series_uid, i.instance_number, i.sop_uid");
+        let mut q = sqlx::query(&text).bind(study_uid);
+        if let Some(s) = series_uid {
+            q = q.bind(s);
+        }
+        let rows = q.fetch_all(self.read_pool()).await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
+    /// The Patient ID of a study, or `None` when the study is not stored.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn study_patient(&self, study_uid: &str) -> Result<Option<String>, IndexError> {
+        Ok(sqlx::query_scalar(
+            "SELECT p.patient_id FROM studies st JOIN patients p ON p.id = st.patient_fk \
+             WHERE st.study_uid = $1",
+        )
+        .bind(study_uid)
+        .fetch_optional(self.read_pool())
+        .await?)
+    }
+
     /// Per-series instance counts and modality for a study, ordered by series UID.
     ///
     /// # Errors

@@ -18,6 +18,8 @@ pub struct Expected {
     pub sop_instance_uid: Uid,
     /// Transfer syntax the dataset is encoded in.
     pub transfer_syntax: Uid,
+    /// The study the instance must belong to (STOW-RS `POST /studies/{study}`), if any.
+    pub study_uid: Option<Uid>,
 }
 
 impl Expected {
@@ -33,6 +35,14 @@ impl Expected {
                 "SOP Instance UID is {} in the dataset but {} in the command",
                 a.sop_instance_uid, self.sop_instance_uid
             )));
+        }
+        if let Some(study) = &self.study_uid {
+            if &a.study.study_uid != study {
+                return Err(IngestError::Mismatch(format!(
+                    "Study Instance UID is {} in the dataset but {study} in the request",
+                    a.study.study_uid
+                )));
+            }
         }
         Ok(())
     }

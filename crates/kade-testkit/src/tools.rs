@@ -27,6 +27,34 @@ pub fn dcmtk(tool: &str) -> Option<PathBuf> {
     found
 }
 
+/// Whether `python3` can import every module in `modules` (e.g. `dicomweb_client`); `false`
+/// after a loud notice, or a panic under [`require_all`], when one is missing.
+pub fn python_modules(modules: &[&str]) -> bool {
+    let code = modules
+        .iter()
+        .map(|m| format!("import {m}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let ok = Command::new("python3")
+        .args(["-c", &code])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        let msg = format!(
+            "python3 with {} not found: pip install {} to run this suite",
+            modules.join(", "),
+            modules
+                .iter()
+                .map(|m| m.replace('_', "-"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        assert!(!require_all(), "{msg}");
+        eprintln!("SKIPPED: {msg}");
+    }
+    ok
+}
+
 /// Runs a command with `TCP_NODELAY=1` (DCMTK otherwise leaves Nagle on), returning its output.
 ///
 /// # Panics

@@ -21,6 +21,8 @@ const EXAMPLES: &str = "\
 Examples:
   kade serve                                  start a node with ./kade-data (SQLite + files)
   kade peer add CT1 --host 10.0.0.5 --allow echo,store
+  kade user add alice --role reader           a DICOMweb user
+  kade token create --user alice              an API token for her (shown once)
   kade stats --json                           archive totals as JSON
   kade verify                                 re-hash every stored blob
   kade --config /etc/kade/kade.toml serve     use a configuration file";
@@ -45,9 +47,10 @@ pub struct Global {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the node: the DICOM listener (C-ECHO, C-STORE) until SIGINT or SIGTERM.
+    /// Run the node: the DICOM listener and the HTTPS listener (DICOMweb, viewer) until
+    /// SIGINT or SIGTERM.
     #[command(
-        after_help = "Examples:\n  kade serve\n  kade serve --port 104 --ae-title PACS\n  KADE_INDEX_URL=postgres://kade@localhost/kade kade serve"
+        after_help = "On first start Kade generates a TLS certificate (unless http.tls_cert is set) and\nprints its fingerprint, and creates the user admin with an API token printed once.\n\nExamples:\n  kade serve\n  kade serve --port 104 --ae-title PACS --http-port 443\n  KADE_INDEX_URL=postgres://kade@localhost/kade kade serve"
     )]
     Serve(ServeArgs),
     /// Manage the DIMSE peers allowed to connect.
@@ -77,6 +80,40 @@ pub enum Command {
     /// Inspect the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Manage the local users of DICOMweb and the viewer.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage API tokens and study share tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Install the OHIF viewer that Kade serves at /viewer/.
+    #[command(subcommand)]
+    Viewer(ViewerCommand),
+}
+
+/// `kade viewer …`.
+#[derive(Debug, Subcommand)]
+pub enum ViewerCommand {
+    /// Fetch the OHIF viewer (@ohif/app) from the npm registry and install it into the data
+    /// directory; a running node serves it at once.
+    #[command(
+        after_help = "Needs npm, unless --from names a package already downloaded with
+`npm pack @ohif/app@VERSION`. Radiologists then open https://HOST:8443/viewer/ and
+sign in with an API token (or follow a link https://HOST:8443/viewer/#token=TOKEN).
+
+Examples:
+  kade viewer install
+  kade viewer install --ohif-version 3.13.2
+  kade viewer install --from ohif-app-3.13.2.tgz"
+    )]
+    Install {
+        /// The @ohif/app release to fetch.
+        #[arg(long, value_name = "VERSION", default_value = crate::viewer::DEFAULT_VERSION)]
+        ohif_version: String,
+        /// Install from this package file instead of fetching it.
+        #[arg(long, value_name = "TARBALL")]
+        from: Option<PathBuf>,
+    },
 }
 
 /// `kade serve` options.
@@ -91,6 +128,9 @@ pub struct ServeArgs {
     /// Kade's AE title (overrides the configuration).
     #[arg(long)]
     pub ae_title: Option<String>,
+    /// HTTPS port for DICOMweb and the viewer (overrides the configuration; 0 picks a free port).
+    #[arg(long)]
+    pub http_port: Option<u16>,
 }
 
 /// `kade fsck` options.
@@ -165,4 +205,76 @@ pub enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `kade user …`.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user. Users sign in with API tokens: make one with `kade token create --user`.
+    #[command(
+        after_help = "Roles:\n  admin     everything, including managing users and tokens\n  reader    search and view studies (QIDO-RS, WADO-RS, the viewer)\n  uploader  send studies (STOW-RS)\n\nExamples:\n  kade user add alice --role reader\n  kade user add ct-gateway --role uploader\n  kade user add j.devries@hospital.example --role admin"
+    )]
+    Add {
+        /// User name: 1 to 64 letters, digits, '.', '_', '-' or '@'.
+        name: String,
+        /// Role: admin, reader or uploader.
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+    },
+    /// List users.
+    #[command(after_help = "Examples:\n  kade user list\n  kade user list --json")]
+    List {
+        /// Print JSON: [{\"name\":…,\"role\":…,\"created_at\":…}].
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `kade token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create an API token for a user, or a read-only share token for one study.
+    ///
+    /// The token is printed once, alone on the first line of standard output; only a hash of
+    /// it is kept. Send it as `Authorization: Bearer <token>`.
+    #[command(
+        after_help = "User tokens do not expire unless --expires is given; share tokens expire after\n24 hours by default. Durations: 30d, 24h, 90m, 3600s.\n\nExamples:\n  kade token create --user alice\n  kade token create --user ct-gateway --expires 90d\n  kade token create --study 1.2.840.113619.2.55.3 --expires 7d\n  TOKEN=$(kade token create --user alice 2>/dev/null)"
+    )]
+    #[command(group(clap::ArgGroup::new("for").required(true).args(["user", "study"])))]
+    Create {
+        /// The user the token acts as.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// Share one study read-only (Study Instance UID).
+        #[arg(long, value_name = "UID")]
+        study: Option<String>,
+        /// Lifetime, e.g. 30d, 24h, 90m, 3600s (default: none for user tokens, 24h for
+        /// share tokens).
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+    },
+    /// List tokens (ids, owners, expiry; never the secrets).
+    #[command(after_help = "Examples:\n  kade token list\n  kade token list --json")]
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: every node refuses it from the next request on.
+    #[command(
+        after_help = "The id is the 16 hex digits after kade_ in the token, as shown by kade token list.\n\nExample:\n  kade token revoke 3f9c0a7d12e4b856"
+    )]
+    Revoke {
+        /// Token id (or the whole token).
+        id: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_tree_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

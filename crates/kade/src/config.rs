@@ -34,6 +34,64 @@ pub struct Config {
     /// Process logs.
     #[serde(default)]
     pub log: LogConfig,
+    /// The HTTPS listener (DICOMweb, viewer, health).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Authentication of web requests.
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// `[http]`: the HTTPS listener. There is no plain-HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Serve HTTPS at all. Default true. Env `KADE_HTTP_ENABLED`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Address to listen on. Default `0.0.0.0`. Env `KADE_HTTP_BIND`.
+    #[serde(default = "default_bind")]
+    pub bind: String,
+    /// TCP port. Default 8443. Env `KADE_HTTP_PORT`.
+    #[serde(default = "default_http_port")]
+    pub port: u16,
+    /// Certificate chain (PEM). Unset: a self-signed certificate is generated on first start
+    /// into `DATA_DIR/tls/` and its SHA-256 fingerprint printed. Re-read on SIGHUP.
+    /// Env `KADE_HTTP_TLS_CERT`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM, PKCS#8, RSA or SEC1) for `tls_cert`. Env `KADE_HTTP_TLS_KEY`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Extra host names and addresses for the generated certificate (besides localhost,
+    /// 127.0.0.1, ::1 and this machine's host name), e.g. `["pacs.hospital.example"]`.
+    #[serde(default)]
+    pub tls_names: Vec<String>,
+    /// Base URL clients use, for URLs in responses (RetrieveURL, BulkDataURI), e.g.
+    /// `https://pacs.hospital.example:8443`. Unset: taken from each request's Host header.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// Largest STOW-RS request in bytes; larger ones get 413. Default 4 GiB.
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: u64,
+    /// Most instances in one STOW-RS request. Default 10000.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
+    /// Origins allowed to call DICOMweb from a browser page on another origin (CORS), e.g.
+    /// `["https://viewer.hospital.example"]`. Default none: the viewer Kade serves itself
+    /// is same-origin and needs no CORS.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+}
+
+/// `[auth]`: who may use the web side.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `[auth.oidc]`: accept bearer JWTs from a hospital identity provider (issuer,
+    /// audience, jwks_url or jwks_file, roles_claim). Unset: local API tokens only.
+    #[serde(default)]
+    pub oidc: Option<kade_auth::OidcConfig>,
 }
 
 /// `[dicom]`: the DIMSE listener.
@@ -149,6 +207,18 @@ fn default_establish_timeout() -> u64 {
 fn default_read_timeout() -> u64 {
     60
 }
+fn default_true() -> bool {
+    true
+}
+fn default_http_port() -> u16 {
+    8443
+}
+fn default_max_request_bytes() -> u64 {
+    4 * 1024 * 1024 * 1024
+}
+fn default_max_instances() -> usize {
+    10_000
+}
 fn default_log_format() -> String {
     "text".into()
 }
@@ -157,6 +227,12 @@ fn default_log_level() -> String {
 }
 
 impl Default for DicomConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
+}
+
+impl Default for HttpConfig {
     fn default() -> Self {
         toml::from_str("").expect("defaults deserialize")
     }
@@ -262,6 +338,23 @@ impl Config {
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("KADE_INGEST_DUPLICATE_POLICY must be reject, keep-existing or replace, not {v:?}"))?;
         }
+        if let Some(v) = get("KADE_HTTP_ENABLED") {
+            self.http.enabled = v
+                .parse()
+                .context("KADE_HTTP_ENABLED must be true or false")?;
+        }
+        if let Some(v) = get("KADE_HTTP_BIND") {
+            self.http.bind = v;
+        }
+        if let Some(v) = get("KADE_HTTP_PORT") {
+            self.http.port = v.parse().context("KADE_HTTP_PORT must be a port number")?;
+        }
+        if let Some(v) = get("KADE_HTTP_TLS_CERT") {
+            self.http.tls_cert = Some(v.into());
+        }
+        if let Some(v) = get("KADE_HTTP_TLS_KEY") {
+            self.http.tls_key = Some(v.into());
+        }
         if let Some(v) = get("KADE_LOG_FORMAT") {
             self.log.format = v;
         }
@@ -290,6 +383,11 @@ impl Config {
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be text or json, not {:?}", self.log.format);
+        }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            bail!(
+                "http.tls_cert and http.tls_key go together: set both, or neither for a generated certificate"
+            );
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.dicom.max_pdu) {
             bail!("dicom.max_pdu must be between 1024 and 16777216 bytes");

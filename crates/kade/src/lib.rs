@@ -5,13 +5,18 @@
 //! - [`config`]: the typed, documented configuration (TOML + `KADE_*` env + `*_FILE` secrets).
 //! - [`node`]: opening the data directory, index, blob store, ingest and audit.
 //! - [`serve`]: `kade serve`, one shutdown signal fanned out to the listeners.
+//! - [`https`]: the TLS listener and its certificate (configured, or generated on first start).
+//! - [`viewer`]: `kade viewer install` and the OHIF viewer's files under `/viewer/`.
 //! - [`admin`]: `kade peer`, `stats`, `verify`, `fsck`, `audit`.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod https;
 pub mod node;
 pub mod serve;
+pub mod users;
+pub mod viewer;
 
 use cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
@@ -27,6 +32,17 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Verify { json } => admin::verify(&cfg, json).await?,
         Command::Fsck(args) => admin::fsck(&cfg, args).await?,
         Command::Audit(cmd) => admin::audit(&cfg, cmd).await?,
+        Command::User(cmd) => users::user(&cfg, cmd).await.map(|()| true)?,
+        Command::Token(cmd) => users::token(&cfg, cmd).await.map(|()| true)?,
+        Command::Viewer(cli::ViewerCommand::Install { ohif_version, from }) => {
+            let dir = viewer::install(&cfg.data_dir, &ohif_version, from.as_deref())?;
+            println!(
+                "kade: viewer installed in {}; open https://HOST:{}/viewer/",
+                dir.display(),
+                cfg.http.port
+            );
+            true
+        }
     };
     Ok(if clean { 0 } else { 1 })
 }

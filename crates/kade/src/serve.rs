@@ -1,6 +1,7 @@
 //! `kade serve`: run a node until SIGINT or SIGTERM.
 
 use std::io::Write;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,7 +11,9 @@ use tokio::net::TcpListener;
 
 use crate::cli::ServeArgs;
 use crate::config::Config;
+use crate::https;
 use crate::node::{Node, redact};
+use crate::viewer;
 
 /// Runs the node.
 ///
@@ -22,6 +25,9 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(b) = args.bind {
         cfg.dicom.bind = b;
+    }
+    if let Some(p) = args.http_port {
+        cfg.http.port = p;
     }
     if let Some(ae) = args.ae_title {
         cfg.dicom.ae_title = AeTitle::new(&ae).context("--ae-title")?;
@@ -43,6 +49,12 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
              kade peer add STORESCU --host 127.0.0.1 --allow echo,store"
         );
     }
+    let web = if cfg.http.enabled {
+        Some(start_web(&cfg, &node).await?)
+    } else {
+        tracing::warn!("http.enabled is false: no DICOMweb, no viewer");
+        None
+    };
     let addr = format!("{}:{}", cfg.dicom.bind, cfg.dicom.port);
     let listener = TcpListener::bind(&addr).await.with_context(|| {
         format!("cannot listen on {addr}: is another program using the port? Choose one with --port or dicom.port")
@@ -69,10 +81,94 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     opts.read_timeout = Duration::from_secs(d.read_timeout_secs);
     let peers = PeerDirectory::new(d.peers.clone(), Some(node.index.clone()));
     let server = DimseServer::new(opts, node.ingest.clone(), peers, node.audit.clone());
-    server.run(listener, shutdown_signal()).await?;
+
+    // One shutdown signal, fanned out to both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let web = web.map(|(listener, tls, app)| {
+        tokio::spawn(https::serve(listener, tls, app, stopped(stop_rx.clone())))
+    });
+    server.run(listener, stopped(stop_rx)).await?;
+    if let Some(w) = web {
+        let _ = w.await;
+    }
     node.index.close().await;
     tracing::info!("Kade stopped");
     Ok(())
+}
+
+/// Binds the HTTPS listener and builds the DICOMweb service; prints the listening line, the
+/// certificate fingerprint and, on first start, the admin token.
+async fn start_web(
+    cfg: &Config,
+    node: &Node,
+) -> anyhow::Result<(TcpListener, https::SharedTls, axum::Router)> {
+    let h = &cfg.http;
+    let src = https::cert_source(h, &cfg.data_dir)?;
+    let (tls, fingerprint) = https::load(&src)?;
+    let tls = Arc::new(RwLock::new(tls));
+    https::reload_on_sighup(src.clone(), tls.clone());
+    let auth = kade_auth::Auth::new(node.index.clone(), cfg.auth.oidc.clone())
+        .await
+        .context("cannot set up authentication ([auth.oidc])")?;
+    let web = Arc::new(kade_dicomweb::Web {
+        ingest: node.ingest.clone(),
+        index: node.index.clone(),
+        store: node.store.clone(),
+        auth,
+        audit: node.audit.clone(),
+        options: kade_dicomweb::WebOptions {
+            max_request_bytes: h.max_request_bytes,
+            max_instances: h.max_instances,
+            cors_origins: h.cors_origins.clone(),
+            public_url: h.public_url.clone(),
+        },
+    });
+    let app = axum::Router::new()
+        .nest("/dicom-web", kade_dicomweb::router(web.clone()))
+        .route(
+            "/healthz",
+            axum::routing::get(kade_dicomweb::healthz).with_state(web),
+        )
+        .merge(viewer::router(viewer::dir(&cfg.data_dir)));
+    let addr = format!("{}:{}", h.bind, h.port);
+    let listener = TcpListener::bind(&addr).await.with_context(|| {
+        format!("cannot listen on {addr}: is another program using the port? Choose one with --http-port or http.port")
+    })?;
+    let local = listener.local_addr()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "kade: HTTPS listening on {local} (DICOMweb at /dicom-web)"
+    )?;
+    writeln!(
+        out,
+        "kade: TLS certificate SHA-256 {fingerprint}{}",
+        if src.generated {
+            format!(" (self-signed, {})", src.cert.display())
+        } else {
+            String::new()
+        }
+    )?;
+    if let Some(t) = kade_auth::bootstrap_admin(&node.index)
+        .await
+        .context("cannot create the first admin user")?
+    {
+        writeln!(
+            out,
+            "kade: first start: created user admin with this API token (shown once; \
+             make another with kade token create --user admin):"
+        )?;
+        writeln!(out, "kade: admin token {}", t.token)?;
+    }
+    out.flush()?;
+    Ok((listener, tls, app))
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -100,6 +100,10 @@ pub struct Node {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub port: u16,
+    /// HTTPS port.
+    pub http_port: u16,
+    /// The admin token printed on first start.
+    pub admin_token: String,
     pub index_url: String,
     child: Option<Child>,
     archive: tokio::sync::OnceCell<kade::node::Node>,
@@ -155,7 +159,7 @@ impl Node {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.path().join("data"));
         let mut toml = format!(
-            "data_dir = {data:?}\n[dicom]\nae_title = \"KADE\"\nbind = \"127.0.0.1\"\nport = 0\nread_timeout_secs = 20\n{dicom}{PEERS}\n"
+            "data_dir = {data:?}\n[http]\nbind = \"127.0.0.1\"\nport = 0\n[dicom]\nae_title = \"KADE\"\nbind = \"127.0.0.1\"\nport = 0\nread_timeout_secs = 20\n{dicom}{PEERS}\n"
         );
         let index_url = match &backend.pg_base {
             Some(base) => {
@@ -186,6 +190,8 @@ impl Node {
             dir,
             config,
             port: 0,
+            http_port: 0,
+            admin_token: String::new(),
             index_url,
             child: None,
             archive: Default::default(),
@@ -214,19 +220,29 @@ impl Node {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let port = |rest: &str| -> u16 {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                addr.rsplit(':').next().unwrap().parse().unwrap()
+            };
+            let (mut http, mut token) = (0, None);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("kade: DICOM listening on ") {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned();
-                    let _ = tx.send(addr);
+                if let Some(rest) = line.strip_prefix("kade: HTTPS listening on ") {
+                    http = port(rest);
+                } else if let Some(rest) = line.strip_prefix("kade: admin token ") {
+                    token = Some(rest.trim().to_owned());
+                } else if let Some(rest) = line.strip_prefix("kade: DICOM listening on ") {
+                    let _ = tx.send((port(rest), http, token.take()));
                 }
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => self.port = addr.rsplit(':').next().unwrap().parse().unwrap(),
+            Ok((dicom, http, token)) => {
+                self.port = dicom;
+                self.http_port = http;
+                if let Some(t) = token {
+                    self.admin_token = t;
+                }
+            }
             Err(_) => panic!("kade serve did not start; log:\n{}", self.log()),
         }
         self.child = Some(child);
@@ -251,6 +267,26 @@ impl Node {
     /// `127.0.0.1:PORT`.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn https(&self) -> String {
+        format!("https://127.0.0.1:{}", self.http_port)
+    }
+
+    /// The node's generated TLS certificate (PEM path), to trust in clients.
+    pub fn cert_path(&self) -> PathBuf {
+        self.data_dir().join("tls").join("cert.pem")
+    }
+
+    /// An HTTPS client trusting the node's certificate.
+    pub fn http_client(&self) -> reqwest::Client {
+        let pem = std::fs::read(self.cert_path()).expect("generated certificate");
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap()
     }
 
     /// The server's process id.

@@ -1,0 +1,410 @@
+//! WADO-RS (PS3.18 §10.4): instances, metadata, frames and bulk data.
+//!
+//! - Instances are streamed from the blob store as `multipart/related; type="application/dicom"`,
+//!   one part per instance, a blob's chunks forwarded as they arrive: memory stays bounded
+//!   whatever the size of the study. `transfer-syntax=*`, or no transfer syntax at all, gives
+//!   the stored bytes (Kade treats a missing parameter as `*`, like most archives, so a viewer
+//!   never waits on a needless transcode); Explicit VR Little Endian is produced on request.
+//! - Metadata comes from the DICOM JSON stored at ingest: the instance's JSON is spliced into
+//!   the response as text, with its relative BulkDataURIs made absolute. No blob is read.
+//! - Frames and bulk data read the instance's blob.
+//!
+//! A UID in the path is validated before any use (400), and the path's hierarchy must hold:
+//! an instance requested under the wrong study or series is 404.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use kade_audit::{EventKind, Outcome};
+use kade_auth::Action;
+use kade_index::query::{InstanceKey, InstanceRow, LevelQuery};
+
+use crate::multipart;
+use crate::qido::path_uid;
+use crate::{ApiError, Caller, Web};
+
+/// Explicit VR Little Endian.
+pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+/// What an `Accept` header asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Wanted {
+    /// The media type of the parts (`application/dicom`, `application/octet-stream`...).
+    pub media_type: String,
+    /// `None`: as stored (`*` or absent).
+    pub transfer_syntax: Option<String>,
+}
+
+/// Reads the first acceptable entry of an `Accept` header. `default_type` is the part type
+/// used when the header names none (or only `*/*`).
+pub(crate) fn wanted(headers: &HeaderMap, default_type: &str) -> Wanted {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    for range in accept.split(',') {
+        let range = range.trim();
+        let base = range
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let (media_type, ts) = if base == "multipart/related" {
+            (
+                multipart::param(range, "type").unwrap_or_else(|| default_type.to_owned()),
+                multipart::param(range, "transfer-syntax"),
+            )
+        } else if base.is_empty() || base == "*/*" {
+            continue;
+        } else {
+            (base, multipart::param(range, "transfer-syntax"))
+        };
+        let media_type = if media_type == "*/*" || media_type.is_empty() {
+            default_type.to_owned()
+        } else {
+            media_type.to_ascii_lowercase()
+        };
+        return Wanted {
+            media_type,
+            transfer_syntax: ts.filter(|t| t != "*"),
+        };
+    }
+    Wanted {
+        media_type: default_type.to_owned(),
+        transfer_syntax: None,
+    }
+}
+
+/// Instances of a study / series / one instance, visible to the caller. 404 when none.
+pub(crate) async fn instances(
+    web: &Web,
+    caller: &Caller,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> Result<Vec<InstanceRow>, ApiError> {
+    if !caller.principal.may_see_study(study) {
+        return Err(ApiError::NotFound("no such study".into()));
+    }
+    let mut matches = vec![(InstanceKey::StudyInstanceUid, study.to_owned())];
+    if let Some(se) = series {
+        matches.push((InstanceKey::SeriesInstanceUid, se.to_owned()));
+    }
+    if let Some(i) = instance {
+        matches.push((InstanceKey::SopInstanceUid, i.to_owned()));
+    }
+    let rows = web
+        .index
+        .find_instances(&LevelQuery {
+            matches,
+            limit: None,
+            offset: 0,
+        })
+        .await??;
+    if rows.is_empty() {
+        return Err(ApiError::NotFound(
+            match (series, instance) {
+                (_, Some(_)) => "no such instance in this study and series",
+                (Some(_), None) => "no such series in this study",
+                (None, None) => "no such study",
+            }
+            .into(),
+        ));
+    }
+    Ok(rows)
+}
+
+pub(crate) async fn audit_retrieve(web: &Web, caller: &Caller, study: &str, what: &str, n: usize) {
+    let mut ev = caller
+        .event(EventKind::Retrieve, Outcome::Success)
+        .detail(format!("WADO-RS {what} ({n} instances)"));
+    ev.study_uid = Some(study.to_owned());
+    ev.patient_id = web.index.study_patient(study).await.ok().flatten();
+    web.audit(ev).await;
+}
+
+/// Streams `rows` as multipart/related application/dicom.
+async fn retrieve(
+    web: &Web,
+    caller: &Caller,
+    headers: &HeaderMap,
+    rows: Vec<InstanceRow>,
+    study: &str,
+    what: &str,
+) -> Result<Response, ApiError> {
+    caller.require(Action::Retrieve)?;
+    let want = wanted(headers, "application/dicom");
+    if want.media_type != "application/dicom" {
+        return Err(ApiError::NotAcceptable(format!(
+            "instances are retrieved as application/dicom, not {}",
+            want.media_type
+        )));
+    }
+    if let Some(ts) = &want.transfer_syntax {
+        if let Some(r) = rows.iter().find(|r| &r.transfer_syntax_uid != ts) {
+            return Err(ApiError::NotAcceptable(format!(
+                "instance {} is stored in transfer syntax {}; ask for transfer-syntax=* to get \
+                 it as stored",
+                r.sop_uid, r.transfer_syntax_uid
+            )));
+        }
+    }
+    audit_retrieve(web, caller, study, what, rows.len()).await;
+    let boundary = multipart::new_boundary();
+    let content_type =
+        format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
+    let store = web.store.clone();
+    let b = boundary.clone();
+    let parts = futures::stream::iter(rows).then(move |r| {
+        let store = store.clone();
+        let b = b.clone();
+        async move {
+            let head = multipart::part_head(
+                &b,
+                &format!(
+                    "application/dicom; transfer-syntax={}",
+                    r.transfer_syntax_uid
+                ),
+                &[],
+            );
+            let body = match store.get_stream(&r.blob_key).await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Headers are sent: the only honest signal left is to break the stream.
+                    tracing::error!(error = %e, sop = %r.sop_uid, "WADO-RS: blob unreadable");
+                    return futures::stream::once(async move {
+                        Err(std::io::Error::other("blob unreadable"))
+                    })
+                    .boxed();
+                }
+            };
+            futures::stream::once(async move { Ok(head) })
+                .chain(body.map(|c| c.map_err(|e| std::io::Error::other(e.to_string()))))
+                .chain(futures::stream::once(async {
+                    Ok(Bytes::from_static(b"\r\n"))
+                }))
+                .boxed()
+        }
+    });
+    let end = multipart::closing(&boundary);
+    let stream = parts
+        .flatten()
+        .chain(futures::stream::once(async move { Ok(end) }));
+    let mut res = Body::from_stream(stream).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&content_type)
+            .map_err(|e| ApiError::Internal(format!("content type: {e}")))?,
+    );
+    Ok(res)
+}
+
+/// `GET /studies/{study}`.
+pub async fn study(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(study): Path<String>,
+) -> Result<Response, ApiError> {
+    let study = path_uid("Study Instance UID", &study)?;
+    caller.require(Action::Retrieve)?;
+    let rows = instances(&web, &caller, &study, None, None).await?;
+    retrieve(&web, &caller, &headers, rows, &study, "study").await
+}
+
+/// `GET /studies/{study}/series/{series}`.
+pub async fn series(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((study, series)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let study = path_uid("Study Instance UID", &study)?;
+    let series = path_uid("Series Instance UID", &series)?;
+    caller.require(Action::Retrieve)?;
+    let rows = instances(&web, &caller, &study, Some(&series), None).await?;
+    retrieve(&web, &caller, &headers, rows, &study, "series").await
+}
+
+/// `GET /studies/{study}/series/{series}/instances/{instance}`.
+pub async fn instance(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((study, series, instance)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let study = path_uid("Study Instance UID", &study)?;
+    let series = path_uid("Series Instance UID", &series)?;
+    let instance = path_uid("SOP Instance UID", &instance)?;
+    caller.require(Action::Retrieve)?;
+    let rows = instances(&web, &caller, &study, Some(&series), Some(&instance)).await?;
+    retrieve(&web, &caller, &headers, rows, &study, "instance").await
+}
+
+// ---- metadata ------------------------------------------------------------------------------
+
+/// Writes the stored JSON of each instance into one JSON array, making BulkDataURIs absolute.
+fn metadata_array(base: &str, study: &str, items: &[(String, String, String)]) -> String {
+    let total: usize = items.iter().map(|(_, _, j)| j.len() + 64).sum();
+    let mut out = String::with_capacity(total + 2);
+    out.push('[');
+    for (n, (series, sop, json)) in items.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        let prefix = format!(
+            "\"BulkDataURI\":\"{base}/studies/{study}/series/{series}/instances/{sop}/bulkdata/"
+        );
+        out.push_str(&json.replace("\"BulkDataURI\":\"bulkdata/", &prefix));
+    }
+    out.push(']');
+    out
+}
+
+async fn metadata(
+    web: &Web,
+    caller: &Caller,
+    headers: &HeaderMap,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> Result<Response, ApiError> {
+    caller.require(Action::Retrieve)?;
+    if !caller.principal.may_see_study(study) {
+        return Err(ApiError::NotFound("no such study".into()));
+    }
+    let items = match instance {
+        Some(sop) => {
+            let row = web.index.instance(sop).await?;
+            match (row, web.index.instance_metadata(sop).await?) {
+                (Some(r), Some(json))
+                    if r.study_uid == study && Some(r.series_uid.as_str()) == series =>
+                {
+                    vec![(r.series_uid, r.sop_uid, json)]
+                }
+                _ => Vec::new(),
+            }
+        }
+        None => web.index.metadata_of(study, series).await?,
+    };
+    if items.is_empty() {
+        return Err(ApiError::NotFound(
+            match (series, instance) {
+                (_, Some(_)) => "no such instance in this study and series",
+                (Some(_), None) => "no such series in this study",
+                (None, None) => "no such study",
+            }
+            .into(),
+        ));
+    }
+    let what = match (series, instance) {
+        (_, Some(_)) => "instance metadata",
+        (Some(_), None) => "series metadata",
+        (None, None) => "study metadata",
+    };
+    audit_retrieve(web, caller, study, what, items.len()).await;
+    let body = metadata_array(&web.base_url(headers), study, &items);
+    let mut res = body.into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/dicom+json"),
+    );
+    Ok(res)
+}
+
+/// `GET /studies/{study}/metadata`.
+pub async fn study_metadata(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(study): Path<String>,
+) -> Result<Response, ApiError> {
+    let study = path_uid("Study Instance UID", &study)?;
+    metadata(&web, &caller, &headers, &study, None, None).await
+}
+
+/// `GET /studies/{study}/series/{series}/metadata`.
+pub async fn series_metadata(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((study, series)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let study = path_uid("Study Instance UID", &study)?;
+    let series = path_uid("Series Instance UID", &series)?;
+    metadata(&web, &caller, &headers, &study, Some(&series), None).await
+}
+
+/// `GET /studies/{study}/series/{series}/instances/{instance}/metadata`.
+pub async fn instance_metadata(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((study, series, instance)): Path<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    let study = path_uid("Study Instance UID", &study)?;
+    let series = path_uid("Series Instance UID", &series)?;
+    let instance = path_uid("SOP Instance UID", &instance)?;
+    metadata(
+        &web,
+        &caller,
+        &headers,
+        &study,
+        Some(&series),
+        Some(&instance),
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn accept_headers() {
+        let w = wanted(
+            &accept("multipart/related; type=\"application/dicom\"; transfer-syntax=*"),
+            "application/dicom",
+        );
+        assert_eq!(w.media_type, "application/dicom");
+        assert_eq!(w.transfer_syntax, None);
+        let w = wanted(
+            &accept(
+                "multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1",
+            ),
+            "application/dicom",
+        );
+        assert_eq!(w.media_type, "application/octet-stream");
+        assert_eq!(w.transfer_syntax.as_deref(), Some(EXPLICIT_LE));
+        let w = wanted(&HeaderMap::new(), "application/dicom");
+        assert_eq!(w.media_type, "application/dicom");
+        let w = wanted(&accept("*/*"), "application/octet-stream");
+        assert_eq!(w.media_type, "application/octet-stream");
+    }
+
+    #[test]
+    fn bulk_data_uris_become_absolute() {
+        let items = vec![(
+            "1.2".to_owned(),
+            "1.2.3".to_owned(),
+            r#"{"7FE00010":{"vr":"OW","BulkDataURI":"bulkdata/7FE00010"}}"#.to_owned(),
+        )];
+        let s = metadata_array("https://h/dicom-web", "1", &items);
+        assert_eq!(
+            s,
+            r#"[{"7FE00010":{"vr":"OW","BulkDataURI":"https://h/dicom-web/studies/1/series/1.2/instances/1.2.3/bulkdata/7FE00010"}}]"#
+        );
+    }
+}

@@ -1,0 +1,520 @@
+//! DICOMweb over HTTPS: TLS only, no data without a token, and QIDO-RS / WADO-RS / STOW-RS
+//! driven by dicomweb-client (Python) and checked byte for byte.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+
+use kade_testkit::{corpus, tools};
+
+use crate::common::{Node, backends, dataset_of};
+use crate::corpus::UNSENDABLE_OR_BROKEN;
+
+const CT_SMALL: &str = "pydicom/CT_small.dcm";
+
+/// A route from `kade_dicomweb::ROUTES` with its parameters filled in.
+fn concrete(path: &str) -> String {
+    path.replace("{study}", "1.2.3")
+        .replace("{series}", "1.2.3.4")
+        .replace("{instance}", "1.2.3.4.5")
+        .replace("{frames}", "1")
+        .replace("{tag}", "7FE00010")
+}
+
+/// A client trusting `node` whose requests come from `source` (so the per-address failure
+/// throttle of one check does not slow down the next).
+fn client_from(node: &Node, source: Ipv4Addr) -> reqwest::Client {
+    let pem = std::fs::read(node.cert_path()).unwrap();
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .local_address(IpAddr::V4(source))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_dicomweb_route_answers_without_a_valid_token() {
+    let node = Node::start(&backends()[0]).await;
+    let base = node.https();
+    let c = node.http_client();
+    let health = c.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "/healthz needs no token and holds no data"
+    );
+
+    let bad: [Option<&str>; 5] = [
+        None,
+        Some("Bearer"),
+        Some("Basic YWRtaW46YWRtaW4="),
+        Some("Bearer kade_0123456789abcdef_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+        Some("Bearer eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."),
+    ];
+    let mut routes: Vec<(String, String)> = kade_dicomweb::ROUTES
+        .iter()
+        .map(|(m, p)| ((*m).to_owned(), concrete(p)))
+        .collect();
+    routes.push(("GET".into(), "/no/such/route".into()));
+    for (i, (method, path)) in routes.iter().enumerate() {
+        for (j, auth) in bad.iter().enumerate() {
+            let source = Ipv4Addr::new(127, 1, i as u8, j as u8 + 1);
+            let c = client_from(&node, source);
+            let url = format!("{base}/dicom-web{path}");
+            let mut req = match method.as_str() {
+                "GET" => c.get(&url),
+                "POST" => c
+                    .post(&url)
+                    .header(
+                        "content-type",
+                        "multipart/related; type=\"application/dicom\"; boundary=x",
+                    )
+                    .body("--x\r\n\r\n\r\n--x--\r\n"),
+                m => panic!("untested method {m}"),
+            };
+            if let Some(a) = auth {
+                req = req.header("authorization", *a);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 401, "{method} {path} with {auth:?}");
+            let www = r
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            assert!(www.starts_with("Bearer"), "{method} {path}: {www:?}");
+            let body = r.text().await.unwrap();
+            assert!(
+                !body.contains("1.2.3"),
+                "a refusal must not echo data: {body}"
+            );
+        }
+    }
+    // The same routes answer (not 401) with the admin token printed at first start.
+    let ok = c
+        .get(format!("{base}/dicom-web/studies"))
+        .bearer_auth(&node.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.text().await.unwrap(), "[]");
+    // Every refusal is in the audit log.
+    let o = node.cli(&["audit", "tail", "-n", "500", "--json"]);
+    let refusals = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.contains("authentication-failed"))
+        .count();
+    assert_eq!(refusals, routes.len() * bad.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_http_and_tls_1_1_are_refused() {
+    let node = Node::start(&backends()[0]).await;
+    // Plain HTTP on the HTTPS port gets no HTTP answer at all.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.http_port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("HTTP/1.1"),
+        "plain HTTP must not be answered"
+    );
+
+    // TLS versions, tried with Python's ssl module (OpenSSL) at each fixed version.
+    let probe = |version: &str| -> String {
+        let code = format!(
+            "import socket, ssl\n\
+             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
+             ctx.check_hostname = False\n\
+             ctx.verify_mode = ssl.CERT_NONE\n\
+             ctx.set_ciphers('ALL:@SECLEVEL=0')\n\
+             ctx.minimum_version = ssl.TLSVersion.{version}\n\
+             ctx.maximum_version = ssl.TLSVersion.{version}\n\
+             try:\n\
+             \x20   with socket.create_connection(('127.0.0.1', {port})) as s:\n\
+             \x20       with ctx.wrap_socket(s) as t:\n\
+             \x20           print('connected', t.version())\n\
+             except ssl.SSLError as e:\n\
+             \x20   print('refused', e.reason)\n",
+            port = node.http_port
+        );
+        let o = Command::new("python3")
+            .args(["-c", &code])
+            .output()
+            .unwrap();
+        tools::text(&o)
+    };
+    let v11 = probe("TLSv1_1");
+    assert!(v11.starts_with("refused"), "TLS 1.1: {v11}");
+    let v12 = probe("TLSv1_2");
+    assert!(v12.starts_with("connected TLSv1.2"), "TLS 1.2: {v12}");
+    let v13 = probe("TLSv1_3");
+    assert!(v13.starts_with("connected TLSv1.3"), "TLS 1.3: {v13}");
+}
+
+/// Corpus files a STOW-RS client can store: readable, with the identifying UIDs, distinct.
+fn storable() -> Vec<std::path::PathBuf> {
+    let mut seen = HashSet::new();
+    corpus::all()
+        .into_iter()
+        .filter(|f| f.expected["readable"] == true && f.expected["has_meta"] == true)
+        .filter(|f| !UNSENDABLE_OR_BROKEN.contains(&f.name.as_str()))
+        .filter(|f| {
+            [
+                "sop_instance_uid",
+                "study_uid",
+                "series_uid",
+                "sop_class_uid",
+            ]
+            .iter()
+            .all(|k| f.str(k).is_some())
+        })
+        // The File Meta group and the data set must agree (else Kade refuses, rightly).
+        .filter(|f| {
+            kade_testkit::part10::Part10::read(&f.path).is_ok_and(|p| {
+                Some(p.sop_instance.as_str()) == f.str("sop_instance_uid")
+                    && Some(p.sop_class.as_str()) == f.str("sop_class_uid")
+            })
+        })
+        .filter(|f| seen.insert(f.str("sop_instance_uid").unwrap().to_owned()))
+        .map(|f| f.path)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dicomweb_client_stores_searches_and_retrieves() {
+    if !tools::python_modules(&["dicomweb_client", "pydicom"]) {
+        return;
+    }
+    let files = storable();
+    assert!(files.len() > 20, "corpus too small: {}", files.len());
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/e2e/py/dicomweb_client_check.py"
+        );
+        let o = Command::new("python3")
+            .arg(script)
+            .arg("--url")
+            .arg(format!("{}/dicom-web", node.https()))
+            .arg("--token")
+            .arg(&node.admin_token)
+            .arg("--ca")
+            .arg(node.cert_path())
+            .args(&files)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{}: dicomweb-client check failed:\n{}\nserver log:\n{}",
+            b.name,
+            tools::text(&o),
+            node.log()
+        );
+        // Every instance was stored through the ingest path and audited.
+        assert_eq!(
+            node.stats()["instances"].as_i64().unwrap(),
+            files.len() as i64 + 2
+        );
+    }
+}
+
+/// Splits a multipart/related body into its parts' bodies.
+fn parts(content_type: &str, body: &[u8]) -> Vec<Vec<u8>> {
+    let boundary = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+        .expect("boundary")
+        .trim_matches('"');
+    let delim = format!("--{boundary}");
+    let mut out = Vec::new();
+    let text = body;
+    let find = |from: usize| {
+        text[from..]
+            .windows(delim.len())
+            .position(|w| w == delim.as_bytes())
+            .map(|i| i + from)
+    };
+    let mut start = find(0).expect("first delimiter");
+    loop {
+        let pos = start + delim.len();
+        if text[pos..].starts_with(b"--") {
+            break;
+        }
+        let head_end = text[pos..]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap()
+            + pos
+            + 4;
+        let next = find(head_end).expect("next delimiter");
+        out.push(text[head_end..next - 2].to_vec());
+        start = next;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stow_then_wado_returns_the_stored_bytes() {
+    let ct = kade_testkit::testdata_dir().join(CT_SMALL);
+    let file = std::fs::read(&ct).unwrap();
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let c = node.http_client();
+        let base = format!("{}/dicom-web", node.https());
+        let mut body = b"--B0undary\r\nContent-Type: application/dicom\r\n\r\n".to_vec();
+        body.extend_from_slice(&file);
+        body.extend_from_slice(b"\r\n--B0undary\r\nContent-Type: application/dicom\r\n\r\n");
+        body.extend_from_slice(b"this is not DICOM");
+        body.extend_from_slice(b"\r\n--B0undary--\r\n");
+        let r = c
+            .post(format!("{base}/studies"))
+            .bearer_auth(&node.admin_token)
+            .header(
+                "content-type",
+                "multipart/related; type=\"application/dicom\"; boundary=B0undary",
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "one stored, one failed");
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        assert_eq!(v["00081199"]["Value"].as_array().unwrap().len(), 1);
+        assert_eq!(v["00081198"]["Value"][0]["00081197"]["Value"][0], 0xC000);
+
+        let p10 = kade_testkit::part10::Part10::read(&ct).unwrap();
+        let (study, series, sop) = (
+            "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322",
+            "1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322",
+            p10.sop_instance.as_str(),
+        );
+        for url in [
+            format!("{base}/studies/{study}"),
+            format!("{base}/studies/{study}/series/{series}"),
+            format!("{base}/studies/{study}/series/{series}/instances/{sop}"),
+        ] {
+            let r = c
+                .get(&url)
+                .bearer_auth(&node.admin_token)
+                .header(
+                    "accept",
+                    "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{url}");
+            let ct = r.headers()["content-type"].to_str().unwrap().to_owned();
+            let got = parts(&ct, &r.bytes().await.unwrap());
+            assert_eq!(got.len(), 1, "{url}");
+            assert_eq!(dataset_of(&got[0]), p10.dataset, "{url}: data set differs");
+            assert_eq!(&got[0][..128], &[0u8; 128][..], "preamble zeroed");
+        }
+        // Wrong hierarchy and malformed UIDs.
+        let r = c
+            .get(format!(
+                "{base}/studies/1.2.3/series/{series}/instances/{sop}"
+            ))
+            .bearer_auth(&node.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        let r = c
+            .get(format!("{base}/studies/1.2.x/metadata"))
+            .bearer_auth(&node.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        // Metadata comes from the index, with an absolute BulkDataURI for the pixel data.
+        let r = c
+            .get(format!(
+                "{base}/studies/{study}/series/{series}/instances/{sop}/metadata"
+            ))
+            .bearer_auth(&node.admin_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let m: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        let uri = m[0]["7FE00010"]["BulkDataURI"].as_str().unwrap().to_owned();
+        assert_eq!(
+            uri,
+            format!("{base}/studies/{study}/series/{series}/instances/{sop}/bulkdata/7FE00010")
+        );
+        // An unparseable part is refused without a trace in the archive.
+        assert_eq!(node.stats()["instances"], 1);
+    }
+}
+
+/// `kade token create ARGS` on `node`: the token (first stdout line).
+fn token(node: &Node, args: &[&str]) -> String {
+    let mut a = vec!["token", "create"];
+    a.extend_from_slice(args);
+    let o = node.cli(&a);
+    assert!(o.status.success(), "kade token create: {}", tools::text(&o));
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A STOW-RS body holding `files`.
+fn stow_body(files: &[std::path::PathBuf]) -> (String, Vec<u8>) {
+    let mut body = Vec::new();
+    for f in files {
+        body.extend_from_slice(b"--XX\r\nContent-Type: application/dicom\r\n\r\n");
+        body.extend_from_slice(&std::fs::read(f).unwrap());
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--XX--\r\n");
+    (
+        "multipart/related; type=\"application/dicom\"; boundary=XX".into(),
+        body,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn roles_share_tokens_revocation_and_expiry() {
+    let t = kade_testkit::testdata_dir();
+    let (ct, mr) = (t.join(CT_SMALL), t.join("pydicom/MR_small.dcm"));
+    let ct_study = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322";
+    let mr_study = "1.3.6.1.4.1.5962.1.2.4.20040826185059.5457";
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let base = format!("{}/dicom-web", node.https());
+        let c = node.http_client();
+        for (name, role) in [("rita", "reader"), ("uli", "uploader")] {
+            let o = node.cli(&["user", "add", name, "--role", role]);
+            assert!(o.status.success(), "{}", tools::text(&o));
+        }
+        let reader = token(&node, &["--user", "rita"]);
+        let uploader = token(&node, &["--user", "uli"]);
+        let get = |url: String, tok: String| {
+            let c = c.clone();
+            async move {
+                c.get(url)
+                    .bearer_auth(tok)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        };
+        let post = |tok: String| {
+            let c = c.clone();
+            let (ct_header, body) = stow_body(&[ct.clone(), mr.clone()]);
+            let url = format!("{base}/studies");
+            async move {
+                c.post(url)
+                    .bearer_auth(tok)
+                    .header("content-type", ct_header)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        };
+        // The uploader stores but cannot read; the reader reads but cannot store.
+        assert_eq!(post(reader.clone()).await, 403);
+        assert_eq!(post(uploader.clone()).await, 200);
+        assert_eq!(get(format!("{base}/studies"), uploader.clone()).await, 403);
+        assert_eq!(get(format!("{base}/studies"), reader.clone()).await, 200);
+        assert_eq!(
+            get(
+                format!("{base}/studies/{ct_study}/metadata"),
+                reader.clone()
+            )
+            .await,
+            200
+        );
+
+        // A share token sees its study and nothing else.
+        let share = token(&node, &["--study", ct_study, "--expires", "1h"]);
+        let r = c
+            .get(format!("{base}/studies"))
+            .bearer_auth(&share)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        let studies: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["0020000D"]["Value"][0].as_str().unwrap())
+            .collect();
+        assert_eq!(studies, vec![ct_study]);
+        assert_eq!(
+            get(format!("{base}/studies/{ct_study}"), share.clone()).await,
+            200
+        );
+        for url in [
+            format!("{base}/studies/{mr_study}"),
+            format!("{base}/studies/{mr_study}/metadata"),
+            format!("{base}/studies/{mr_study}/series"),
+        ] {
+            assert_eq!(get(url.clone(), share.clone()).await, 404, "{url}");
+        }
+        assert_eq!(post(share.clone()).await, 403);
+
+        // Revocation takes effect at the next request, from another process.
+        let id = reader.split('_').nth(1).unwrap().to_owned();
+        let o = node.cli(&["token", "revoke", &id]);
+        assert!(o.status.success(), "{}", tools::text(&o));
+        assert_eq!(get(format!("{base}/studies"), reader.clone()).await, 401);
+
+        // An expired token is refused.
+        let short = token(&node, &["--user", "rita", "--expires", "1s"]);
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        assert_eq!(get(format!("{base}/studies"), short).await, 401);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_failures_from_one_address_are_slowed_down() {
+    let node = Node::start(&backends()[0]).await;
+    let c = client_from(&node, Ipv4Addr::new(127, 9, 9, 9));
+    let url = format!("{}/dicom-web/studies", node.https());
+    let mut times = Vec::new();
+    for _ in 0..8 {
+        let t0 = std::time::Instant::now();
+        let r = c
+            .get(&url)
+            .bearer_auth("kade_0123456789abcdef_wrongwrongwrongwrongwrongwrongwrongwrongwro")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        times.push(t0.elapsed());
+    }
+    assert!(
+        times[7] >= std::time::Duration::from_millis(500),
+        "failures were not slowed down: {times:?}"
+    );
+    // Another address is not affected.
+    let other = client_from(&node, Ipv4Addr::new(127, 9, 9, 10));
+    let t0 = std::time::Instant::now();
+    let r = other
+        .get(&url)
+        .bearer_auth(&node.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(t0.elapsed() < std::time::Duration::from_millis(500));
+}
