@@ -518,3 +518,99 @@ async fn repeated_failures_from_one_address_are_slowed_down() {
     assert_eq!(r.status(), 200);
     assert!(t0.elapsed() < std::time::Duration::from_millis(500));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oidc_bearer_tokens_are_checked_for_issuer_audience_expiry_and_algorithm() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+
+    const ISSUER: &str = "https://login.hospital.test/realms/radiology";
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+    let pair =
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap();
+    let point = pair.public_key().as_ref().to_vec();
+    let jwks = serde_json::json!({ "keys": [{
+        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
+        "x": B64.encode(&point[1..33]), "y": B64.encode(&point[33..]),
+    }]});
+    let dir = tempfile::tempdir().unwrap();
+    let jwks_path = dir.path().join("jwks.json");
+    std::fs::write(&jwks_path, jwks.to_string()).unwrap();
+    let node = Node::start_with(
+        &backends()[0],
+        &format!(
+            "[auth.oidc]\nissuer = {ISSUER:?}\naudience = \"kade\"\njwks_file = {jwks_path:?}\n"
+        ),
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp();
+    let sign = |claims: serde_json::Value| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(&h, &claims, &EncodingKey::from_ec_der(pkcs8.as_ref())).unwrap()
+    };
+    let claims = |iss: &str, aud: &str, exp: i64, roles: &[&str]| {
+        serde_json::json!({ "iss": iss, "aud": aud, "sub": "u-123",
+            "preferred_username": "dr.jansen", "exp": exp, "iat": now, "roles": roles })
+    };
+    let c = node.http_client();
+    let url = format!("{}/dicom-web/studies", node.https());
+    let status = |token: String| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            c.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        status(sign(claims(ISSUER, "kade", now + 300, &["reader"]))).await,
+        200
+    );
+    assert_eq!(
+        status(sign(claims(ISSUER, "kade", now + 300, &["uploader"]))).await,
+        403
+    );
+    assert_eq!(
+        status(sign(claims(
+            "https://evil.test",
+            "kade",
+            now + 300,
+            &["reader"]
+        )))
+        .await,
+        401
+    );
+    assert_eq!(
+        status(sign(claims(ISSUER, "other", now + 300, &["reader"]))).await,
+        401
+    );
+    assert_eq!(
+        status(sign(claims(ISSUER, "kade", now - 300, &["reader"]))).await,
+        401
+    );
+    // alg "none": no signature at all.
+    let body = B64.encode(claims(ISSUER, "kade", now + 300, &["admin"]).to_string());
+    let none = format!("{}.{body}.", B64.encode(r#"{"alg":"none","typ":"JWT"}"#));
+    assert_eq!(status(none).await, 401);
+    // HS256 "signed" with the public key as the HMAC secret (key confusion).
+    let mut h = Header::new(Algorithm::HS256);
+    h.kid = Some("k1".into());
+    let hs = jsonwebtoken::encode(
+        &h,
+        &claims(ISSUER, "kade", now + 300, &["admin"]),
+        &EncodingKey::from_secret(&point),
+    )
+    .unwrap();
+    assert_eq!(status(hs).await, 401);
+    // The accepted principal is audited under its OIDC name.
+    let o = node.cli(&["audit", "tail", "-n", "50", "--json"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("user:dr.jansen"));
+}
