@@ -614,3 +614,145 @@ async fn oidc_bearer_tokens_are_checked_for_issuer_audience_expiry_and_algorithm
     let o = node.cli(&["audit", "tail", "-n", "50", "--json"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("user:dr.jansen"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_instance_streams_through_stow_and_wado_in_bounded_memory() {
+    use sha2::Digest;
+    // 7000 x 7000 x 16 bit: a 98 MB instance.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = kade_testkit::r#gen::CtSpec::small(1, 1);
+    spec.size = 7000;
+    let file = kade_testkit::r#gen::ct_study(dir.path(), &spec).remove(0);
+    let p10 = kade_testkit::part10::Part10::read(&file).unwrap();
+    assert!(p10.bytes.len() > 90_000_000);
+    let node = Node::start(&backends()[0]).await;
+    let c = node.http_client();
+    let base = format!("{}/dicom-web", node.https());
+    let (ct, body) = stow_body(std::slice::from_ref(&file));
+    // Sent in 1 MB pieces, as a client streaming from disk would.
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+        body.chunks(1 << 20).map(|c| Ok(c.to_vec())).collect();
+    drop(body);
+    let r = c
+        .post(format!("{base}/studies"))
+        .bearer_auth(&node.admin_token)
+        .header("content-type", ct)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let rss_after_stow = node.peak_rss_kib() / 1024;
+
+    // Retrieve it back, hashing the stream as it comes.
+    let row = node
+        .index()
+        .await
+        .instance(&p10.sop_instance)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut r = c
+        .get(format!("{base}/studies/{}", row.study_uid))
+        .bearer_auth(&node.admin_token)
+        .header("accept", "multipart/related; type=\"application/dicom\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The part's body (between its header block and the closing delimiter) must be the
+    // stored blob: hash it as it streams, holding back only what could be the delimiter.
+    let mut hash = sha2::Sha256::new();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut in_body = false;
+    let mut total = 0usize;
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        total += chunk.len();
+        pending.extend_from_slice(&chunk);
+        if !in_body {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                pending.drain(..i + 4);
+                in_body = true;
+            }
+        }
+        if in_body && pending.len() > 4096 {
+            let keep = pending.split_off(pending.len() - 256);
+            hash.update(&pending);
+            pending = keep;
+        }
+    }
+    let peak = node.peak_rss_kib() / 1024;
+    let end = pending.windows(4).rposition(|w| w == b"\r\n--").unwrap();
+    hash.update(&pending[..end]);
+    assert!(total > p10.bytes.len(), "retrieved {total} bytes");
+    assert_eq!(
+        hex::encode(hash.finalize()),
+        row.sha256,
+        "retrieved bytes differ"
+    );
+    assert!(
+        rss_after_stow < 120 && peak < 120,
+        "peak RSS {rss_after_stow} MiB after STOW, {peak} MiB after WADO, for a {} MB instance",
+        p10.bytes.len() / 1_000_000
+    );
+    eprintln!(
+        "98 MB instance: peak RSS {rss_after_stow} MiB after STOW-RS, {peak} MiB after WADO-RS"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stow_cut_off_midway_stores_nothing_and_leaves_no_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = kade_testkit::r#gen::CtSpec::small(1, 2);
+    spec.size = 1600; // 5 MB each: the second is spooled to disk while it arrives
+    let files = kade_testkit::r#gen::ct_study(dir.path(), &spec);
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let c = node.http_client();
+        let (ct, body) = stow_body(&files);
+        // The first instance whole, then the connection fails inside the second.
+        let cut = body.len() - 2_000_000;
+        let mut pieces: Vec<Result<Vec<u8>, std::io::Error>> = body[..cut]
+            .chunks(1 << 20)
+            .map(|c| Ok(c.to_vec()))
+            .collect();
+        pieces.push(Err(std::io::Error::other("connection lost")));
+        let r = c
+            .post(format!("{}/dicom-web/studies", node.https()))
+            .bearer_auth(&node.admin_token)
+            .header("content-type", ct)
+            .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+            .send()
+            .await;
+        assert!(
+            r.is_err() || !r.unwrap().status().is_success(),
+            "[{}] a cut-off request must not succeed",
+            b.name
+        );
+        // The complete first instance may be stored (it was whole and acknowledged to no
+        // one); the cut one must not be, and no spool file may be left.
+        let mut spooled = true;
+        for _ in 0..100 {
+            if node.spool_files().is_empty() {
+                spooled = false;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(!spooled, "[{}] spool file left behind", b.name);
+        let second = kade_testkit::part10::Part10::read(&files[1]).unwrap();
+        let index = node.index().await;
+        assert!(
+            index
+                .instance(&second.sop_instance)
+                .await
+                .unwrap()
+                .is_none(),
+            "[{}] a truncated instance was indexed",
+            b.name
+        );
+        assert!(node.cli(&["verify"]).status.success());
+        let fsck = node.cli(&["fsck", "--min-age", "0"]);
+        assert!(fsck.status.success(), "[{}] {}", b.name, tools::text(&fsck));
+    }
+}
