@@ -9,6 +9,7 @@ mod association;
 mod corpus;
 mod crash;
 mod dicomweb;
+mod pynetdicom;
 mod query;
 mod robustness;
 mod viewer;
