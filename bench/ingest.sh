@@ -204,6 +204,10 @@ ensure_tools() {
         python3 -m pip install --quiet pydicom numpy || die "pip install pydicom numpy failed"
     fi
     command -v "$CLIENT" >/dev/null || apt_install dcmtk
+    # pynetdicom installs Python programs named storescu etc.; use DCMTK's own.
+    for c in $(type -ap "$CLIENT"); do
+        if "$c" --version 2>/dev/null | grep -q '\$dcmtk:'; then CLIENT=$c; break; fi
+    done
     if [[ " $SERVERS " == *" orthanc "* ]] && ! command -v "$ORTHANC_BIN" >/dev/null; then
         apt_install orthanc
         command -v "$ORTHANC_BIN" >/dev/null || die "$ORTHANC_BIN not found after installing orthanc"
@@ -369,7 +373,7 @@ run_one() {
         [[ -s $part ]] && parts+=("$part")
     done
     local client_args
-    case $CLIENT in
+    case ${CLIENT##*/} in
         storescu) client_args=(-aet "$CALLING_AE" -aec "$SRV_AE" -nh -to 30 -ta 30 -td 600) ;;
         dcmsend) client_args=(-aet "$CALLING_AE" -aec "$SRV_AE" -ma -nh -to 30 -ta 30 -td 600) ;;
     esac

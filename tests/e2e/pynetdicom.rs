@@ -1,5 +1,6 @@
 //! pynetdicom as the peer: C-ECHO, C-STORE, C-FIND (Study and Patient Root, every level),
-//! C-GET into the test and C-MOVE to a storage SCP the test runs, checked against pydicom.
+//! C-GET into the test and C-MOVE to a storage SCP the test runs, checked against pydicom, and
+//! C-CANCEL in the middle of a C-MOVE and a C-GET.
 
 use std::process::Command;
 
@@ -8,12 +9,17 @@ use kade_testkit::{r#gen, testdata_dir, tools};
 use crate::common::{Node, backends};
 
 #[tokio::test(flavor = "multi_thread")]
-async fn pynetdicom_echoes_stores_finds_gets_and_moves() {
+async fn pynetdicom_echoes_stores_finds_gets_moves_and_cancels() {
     if !tools::python_modules(&["pynetdicom", "pydicom"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let mut files = r#gen::ct_study(dir.path(), &r#gen::CtSpec::small(2, 3));
+    // A larger study, for C-CANCEL in the middle of its retrieval.
+    let big = tempfile::tempdir().unwrap();
+    let mut spec = r#gen::CtSpec::small(1, 40);
+    spec.patient_name = "Groot^Studie".into();
+    files.extend(r#gen::ct_study(big.path(), &spec));
     files.push(testdata_dir().join("pydicom/CT_small.dcm"));
     files.push(testdata_dir().join("pydicom/MR_small.dcm"));
     for b in backends() {

@@ -407,12 +407,26 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             error_comment: None,
         };
         let command = pdu::encode_pdata(pc_id, true, &pending.encode_with(true), self.peer_max_pdu);
+        let mut cancelled = false;
         for m in &answer.matches {
+            if self.cancel_requested(message_id).await? {
+                cancelled = true;
+                break;
+            }
             self.send(&command).await?;
             self.send(&pdu::encode_pdata(pc_id, false, m, self.peer_max_pdu))
                 .await?;
         }
-        self.respond(pc_id, &answer.last).await?;
+        if cancelled {
+            let last = Response {
+                status: Status::Cancelled,
+                error_comment: None,
+                ..pending.clone()
+            };
+            self.respond(pc_id, &last).await?;
+        } else {
+            self.respond(pc_id, &answer.last).await?;
+        }
         let outcome = if answer.last.status == Status::Success {
             Outcome::Success
         } else {
@@ -466,7 +480,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         };
         let (status, counts, failed, why) = self.move_instances(req).await?;
         let counts = Counts {
-            remaining: 0,
+            remaining: if status == Status::Cancelled {
+                counts.remaining
+            } else {
+                0
+            },
             ..counts
         };
         self.send_final(
@@ -579,7 +597,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             }
         };
         let mut failed = Vec::new();
+        let mut cancelled = false;
         for i in &instances {
+            if self.cancel_requested(message_id).await? {
+                cancelled = true;
+                break;
+            }
             let status = match out.context_in(&i.sop_class_uid, &i.transfer_syntax_uid) {
                 None => None, // the destination does not take this class in the stored syntax
                 Some(ctx) => match self.ctx.ingest.store().get(&i.blob_key).await {
@@ -616,7 +639,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 .await?;
         }
         let _ = out.release().await;
-        let status = if counts.failed == 0 {
+        let status = if cancelled {
+            Status::Cancelled
+        } else if counts.failed == 0 {
             Status::Success
         } else {
             Status::SubOperationsFailed
@@ -673,6 +698,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         let mut failed = Vec::new();
         let mut cancelled = false;
         for (n, i) in instances.iter().enumerate() {
+            if self.cancel_requested(message_id).await? {
+                cancelled = true;
+                break;
+            }
             let ctx = neg.contexts.iter().find(|(_, c)| {
                 c.abstract_syntax == i.sop_class_uid && c.transfer_syntax == i.transfer_syntax_uid
             });
@@ -697,16 +726,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     .await?;
                     self.send(&pdu::encode_pdata(store_pc, false, ds, self.peer_max_pdu))
                         .await?;
-                    match self.read_command().await? {
-                        cs if cs.u16(crate::command::tag::COMMAND_FIELD)
-                            == Some(crate::command::field::C_STORE_RSP) =>
-                        {
-                            cs.u16(crate::command::tag::STATUS)
-                        }
-                        _ => {
-                            cancelled = true; // a C-CANCEL (or anything else) ends the sub-operations
-                            None
-                        }
+                    let mut cs = self.read_command().await?;
+                    if matches!(Command::parse(&cs), Ok(Command::Cancel { message_id: id }) if id == message_id)
+                    {
+                        // The C-CANCEL crossed this sub-operation: its response still follows.
+                        cancelled = true;
+                        cs = self.read_command().await?;
+                    }
+                    if cs.u16(crate::command::tag::COMMAND_FIELD)
+                        == Some(crate::command::field::C_STORE_RSP)
+                    {
+                        cs.u16(crate::command::tag::STATUS)
+                    } else {
+                        return Err(End::Protocol(
+                            "expected a C-STORE response during C-GET".into(),
+                        ));
                     }
                 }
                 _ => None,
@@ -792,6 +826,33 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     }
 
     /// Reads one complete command set from the peer (during sub-operations on this association).
+    /// Whether the peer has sent a C-CANCEL-RQ for `message_id` while an operation streams
+    /// its responses. Looks at the connection without waiting: only when bytes are already
+    /// there is a command read (a whole one). Anything but a C-CANCEL for this operation is a
+    /// protocol error, as the peer must wait for the operation's final response.
+    async fn cancel_requested(&mut self, message_id: u16) -> Result<bool, End> {
+        use futures::FutureExt;
+        use tokio::io::AsyncBufReadExt;
+        let waiting = matches!(self.rd.fill_buf().now_or_never(), Some(Ok(b)) if !b.is_empty());
+        if !waiting {
+            return Ok(false);
+        }
+        let cs = self.read_command().await?;
+        match Command::parse(&cs) {
+            Ok(Command::Cancel { message_id: id }) if id == message_id => {
+                tracing::info!(message_id, "C-CANCEL received: stopping the operation");
+                Ok(true)
+            }
+            Ok(Command::Cancel { message_id: id }) => {
+                tracing::debug!(id, "C-CANCEL for another operation ignored");
+                Ok(false)
+            }
+            _ => Err(End::Protocol(
+                "a new request arrived before the current operation's final response".into(),
+            )),
+        }
+    }
+
     async fn read_command(&mut self) -> Result<CommandSet, End> {
         let mut buf = Vec::new();
         loop {
@@ -935,7 +996,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 })
             }
             Command::Cancel { message_id } => {
-                // Queries are answered in one go, so there is nothing left to cancel.
+                // Operations in progress look for their C-CANCEL between responses; this one
+                // came after the final response.
                 tracing::debug!(message_id, "C-CANCEL for a finished operation");
                 Ok(State::Idle)
             }

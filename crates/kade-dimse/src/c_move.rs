@@ -80,7 +80,8 @@ pub fn retrieve_response(
             .set_u16(tag::NUMBER_OF_FAILED_SUBOPERATIONS, counts.failed)
             .set_u16(tag::NUMBER_OF_WARNING_SUBOPERATIONS, counts.warning);
     }
-    if status == Status::Pending {
+    // Required while pending; after a C-CANCEL it tells the requestor what was not sent.
+    if status == Status::Pending || status == Status::Cancelled {
         cs.set_u16(tag::NUMBER_OF_REMAINING_SUBOPERATIONS, counts.remaining);
     }
     if let Some(c) = comment {

@@ -11,11 +11,22 @@ pub fn require_all() -> bool {
 
 /// Path of a DCMTK tool, or `None` (after a loud notice, or a panic under
 /// [`require_all`]) when DCMTK is not installed.
+///
+/// Only DCMTK's own tool counts: pynetdicom installs Python programs with the same names
+/// (`findscu`, `storescu`…) that may come first on `PATH`, so each candidate must say
+/// `$dcmtk:` in its `--version` output.
 pub fn dcmtk(tool: &str) -> Option<PathBuf> {
+    let is_dcmtk = |p: &PathBuf| {
+        p.is_file()
+            && Command::new(p)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("$dcmtk:"))
+    };
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join(tool))
-            .find(|p| p.is_file())
+            .find(is_dcmtk)
     });
     if found.is_none() {
         let msg = format!(

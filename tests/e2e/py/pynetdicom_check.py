@@ -209,8 +209,56 @@ def main():
             q, "NOWHERE", StudyRootQueryRetrieveInformationModelMove) if s]
         assoc.release()
         check(statuses and statuses[-1] == 0xA801, f"unknown destination gave {statuses}")
+        # C-CANCEL mid-move: the largest study, cancelled after the first pending response.
+        big = max(tree, key=lambda k: sum(len(v) for v in tree[k].values()))
+        total = sum(len(v) for v in tree[big].values())
+        moved.clear()
+        assoc = associate("MOVESCU", a.port, [StudyRootQueryRetrieveInformationModelMove])
+        ctx = assoc.accepted_contexts[0].context_id
+        q.StudyInstanceUID = big
+        final, sent_cancel = None, False
+        for status, _ in assoc.send_c_move(q, "PYSTORE", StudyRootQueryRetrieveInformationModelMove,
+                                           msg_id=77):
+            if status and status.Status == 0xFF00 and not sent_cancel:
+                assoc.send_c_cancel(77, ctx)
+                sent_cancel = True
+            elif status and status.Status != 0xFF00:
+                final = status
+        assoc.release()
+        check(final is not None and final.Status == 0xFE00, f"cancelled C-MOVE ended with {final}")
+        check(int(final.NumberOfRemainingSuboperations) > 0, "nothing left after the cancel?")
+        check(len(moved) < total, f"all {total} moved despite the cancel")
+        print(f"C-CANCEL stopped a C-MOVE after {len(moved)} of {total} instances")
     finally:
         server.shutdown()
+
+    # C-CANCEL mid-get: the store handler is slow, so the cancel arrives between sub-operations.
+    received.clear()
+
+    def slow_store(event):
+        import time
+        time.sleep(0.05)
+        received.append(event.dataset)
+        return 0x0000
+
+    assoc = ae.associate("127.0.0.1", a.port, ae_title="KADE", ext_neg=roles,
+                         evt_handlers=[(evt.EVT_C_STORE, slow_store)])
+    ctx = [c for c in assoc.accepted_contexts
+           if c.abstract_syntax == StudyRootQueryRetrieveInformationModelGet][0].context_id
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = big
+    final, sent_cancel = None, False
+    for status, _ in assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet, msg_id=78):
+        if status and status.Status == 0xFF00 and not sent_cancel:
+            assoc.send_c_cancel(78, ctx)
+            sent_cancel = True
+        elif status and status.Status != 0xFF00:
+            final = status
+    assoc.release()
+    check(final is not None and final.Status == 0xFE00, f"cancelled C-GET ended with {final}")
+    check(len(received) < total, f"all {total} received despite the cancel")
+    print(f"C-CANCEL stopped a C-GET after {len(received)} of {total} instances")
     print("OK")
 
 
