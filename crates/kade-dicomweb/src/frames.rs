@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -142,6 +142,7 @@ fn is_native(ts: &str) -> bool {
 /// An instance's pixel data, parsed from its blob.
 struct Pixels {
     transfer_syntax: String,
+    layout: crate::render::Layout,
     encapsulated: bool,
     frames: u32,
     /// Native: the whole pixel data. Encapsulated: unused.
@@ -168,12 +169,41 @@ impl Pixels {
             .and_then(|e| e.to_int::<u32>().ok())
             .unwrap_or(1)
             .max(1);
+        let int = |t| obj.get(t).and_then(|e| e.to_int::<i64>().ok());
+        let float = |t| obj.get(t).and_then(|e| e.to_float64().ok());
+        let text = |t| {
+            obj.get(t)
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_matches(['\0', ' ']).to_owned())
+                .unwrap_or_default()
+        };
+        let layout = crate::render::Layout {
+            rows: int(tags::ROWS).unwrap_or(0).max(0) as u32,
+            columns: int(tags::COLUMNS).unwrap_or(0).max(0) as u32,
+            samples: int(tags::SAMPLES_PER_PIXEL).unwrap_or(1) as u16,
+            bits_allocated: int(tags::BITS_ALLOCATED).unwrap_or(16) as u16,
+            bits_stored: int(tags::BITS_STORED)
+                .or(int(tags::BITS_ALLOCATED))
+                .unwrap_or(16) as u16,
+            signed: int(tags::PIXEL_REPRESENTATION) == Some(1),
+            photometric: text(tags::PHOTOMETRIC_INTERPRETATION),
+            planar: int(tags::PLANAR_CONFIGURATION) == Some(1),
+            rescale: (
+                float(tags::RESCALE_SLOPE).unwrap_or(1.0),
+                float(tags::RESCALE_INTERCEPT).unwrap_or(0.0),
+            ),
+            window: match (float(tags::WINDOW_CENTER), float(tags::WINDOW_WIDTH)) {
+                (Some(c), Some(w)) if w >= 1.0 => Some((c, w)),
+                _ => None,
+            },
+        };
         let Some(px) = obj.get(tags::PIXEL_DATA) else {
             return Err(ApiError::NotFound("this instance has no pixel data".into()));
         };
         match px.value() {
             dicom_core::value::Value::PixelSequence(seq) => Ok(Pixels {
                 transfer_syntax,
+                layout,
                 encapsulated: true,
                 frames,
                 native: Vec::new(),
@@ -182,6 +212,7 @@ impl Pixels {
             }),
             _ => Ok(Pixels {
                 transfer_syntax,
+                layout,
                 encapsulated: false,
                 frames,
                 native: px
@@ -294,6 +325,171 @@ pub async fn bulkdata(
     )
     .await;
     parts_response(vec![("application/octet-stream".to_owned(), bytes)])
+}
+
+// ---- rendered and thumbnail -----------------------------------------------------------------
+
+/// Renders frame `n` of the instance `(study, series, instance)`.
+async fn rendered_frame(
+    web: &Web,
+    caller: &Caller,
+    ids: (String, String, String),
+    n: u32,
+    params: crate::render::Params,
+    what: &str,
+) -> Result<Response, ApiError> {
+    let (row, blob) = one_instance(web, caller, ids).await?;
+    let format = params.format;
+    let image = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
+        let px = Pixels::read(&blob)?;
+        if px.encapsulated {
+            return Err(ApiError::NotAcceptable(format!(
+                "the pixel data is stored compressed ({}); rendering it is not supported yet",
+                px.transfer_syntax
+            )));
+        }
+        let frame = px.frame(n)?;
+        let mut img = crate::render::to_image(&frame, &px.layout, params.window)?;
+        if let Some(v) = params.viewport {
+            img = crate::render::fit(img, v);
+        }
+        crate::render::encode(&img, params.format, params.quality)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("render task: {e}")))??;
+    audit_retrieve(
+        web,
+        caller,
+        &row.study_uid,
+        &format!("{what} of {}", row.sop_uid),
+        1,
+    )
+    .await;
+    let mut res = image.into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.media_type()),
+    );
+    Ok(res)
+}
+
+fn accept(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok())
+}
+
+/// `GET …/instances/{instance}/rendered`: the first frame.
+pub async fn rendered(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(ids): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = crate::render::Params::parse(q.as_deref(), accept(&headers))?;
+    rendered_frame(&web, &caller, ids, 1, params, "rendered").await
+}
+
+/// `GET …/instances/{instance}/frames/{frame}/rendered`: one frame.
+pub async fn rendered_frames(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((study, series, instance, list)): Path<(String, String, String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let list = frame_list(&list)?;
+    if list.len() != 1 {
+        return Err(ApiError::BadRequest(
+            "render one frame per request (e.g. frames/3/rendered)".into(),
+        ));
+    }
+    let params = crate::render::Params::parse(q.as_deref(), accept(&headers))?;
+    rendered_frame(
+        &web,
+        &caller,
+        (study, series, instance),
+        list[0],
+        params,
+        "rendered frame",
+    )
+    .await
+}
+
+/// Thumbnails are 128 pixels on their longer side unless a viewport is given.
+fn thumbnail_params(
+    q: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<crate::render::Params, ApiError> {
+    let mut p = crate::render::Params::parse(q, accept(headers))?;
+    p.viewport.get_or_insert((128, 128));
+    Ok(p)
+}
+
+/// `GET …/instances/{instance}/thumbnail`.
+pub async fn thumbnail(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(ids): Path<(String, String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = thumbnail_params(q.as_deref(), &headers)?;
+    rendered_frame(&web, &caller, ids, 1, params, "thumbnail").await
+}
+
+/// `GET /studies/{study}/series/{series}/thumbnail` and `GET /studies/{study}/thumbnail`:
+/// the middle image of the (first) series.
+async fn representative_thumbnail(
+    web: &Web,
+    caller: &Caller,
+    headers: &HeaderMap,
+    study: String,
+    series: Option<String>,
+    q: Option<&str>,
+) -> Result<Response, ApiError> {
+    let params = thumbnail_params(q, headers)?;
+    let study = path_uid("Study Instance UID", &study)?;
+    let series = series
+        .map(|s| path_uid("Series Instance UID", &s))
+        .transpose()?;
+    caller.require(Action::Retrieve)?;
+    let rows = instances(web, caller, &study, series.as_deref(), None).await?;
+    let first_series = rows[0].series_uid.clone();
+    let in_series: Vec<&InstanceRow> = rows
+        .iter()
+        .filter(|r| r.series_uid == first_series && r.rows.is_some())
+        .collect();
+    let Some(pick) = in_series.get(in_series.len() / 2) else {
+        return Err(ApiError::NotFound("no image to make a thumbnail of".into()));
+    };
+    let ids = (
+        pick.study_uid.clone(),
+        pick.series_uid.clone(),
+        pick.sop_uid.clone(),
+    );
+    rendered_frame(web, caller, ids, 1, params, "thumbnail").await
+}
+
+/// `GET /studies/{study}/series/{series}/thumbnail`.
+pub async fn series_thumbnail(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path((study, series)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    representative_thumbnail(&web, &caller, &headers, study, Some(series), q.as_deref()).await
+}
+
+/// `GET /studies/{study}/thumbnail`.
+pub async fn study_thumbnail(
+    State(web): State<Arc<Web>>,
+    caller: Caller,
+    headers: HeaderMap,
+    Path(study): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    representative_thumbnail(&web, &caller, &headers, study, None, q.as_deref()).await
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! - [`wado`]: instances streamed from the blob store as multipart/related, metadata from the
 //!   DICOM JSON stored at ingest, frames and bulk data.
 //! - [`stow`]: multipart/related uploads, streamed part by part into the one ingest path.
-//! - [`frames`]: frames and bulk data, cut from the instance's blob.
+//! - [`frames`]: frames, bulk data, rendered images and thumbnails, from the instance's blob.
+//! - [`render`]: a frame to an 8-bit JPEG or PNG (Modality LUT, window, viewport).
 //! - [`multipart`]: the multipart/related reader and writer.
 //! - [`error`]: errors that say what went wrong without leaking internals.
 //!
@@ -22,6 +23,7 @@ pub mod error;
 pub mod frames;
 pub mod multipart;
 pub mod qido;
+pub mod render;
 pub mod stow;
 pub mod wado;
 
@@ -122,6 +124,20 @@ pub const ROUTES: &[(&str, &str)] = &[
         "GET",
         "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}",
     ),
+    (
+        "GET",
+        "/studies/{study}/series/{series}/instances/{instance}/rendered",
+    ),
+    (
+        "GET",
+        "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+    ),
+    (
+        "GET",
+        "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+    ),
+    ("GET", "/studies/{study}/series/{series}/thumbnail"),
+    ("GET", "/studies/{study}/thumbnail"),
 ];
 
 /// The `/dicom-web` router (without the `/dicom-web` prefix: nest it there).
@@ -173,6 +189,18 @@ fn endpoint(method: &str, path: &str) -> MethodRouter<Arc<Web>> {
         ("GET", "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}") => {
             get(frames::bulkdata)
         }
+        ("GET", "/studies/{study}/series/{series}/instances/{instance}/rendered") => {
+            get(frames::rendered)
+        }
+        (
+            "GET",
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+        ) => get(frames::rendered_frames),
+        ("GET", "/studies/{study}/series/{series}/instances/{instance}/thumbnail") => {
+            get(frames::thumbnail)
+        }
+        ("GET", "/studies/{study}/series/{series}/thumbnail") => get(frames::series_thumbnail),
+        ("GET", "/studies/{study}/thumbnail") => get(frames::study_thumbnail),
         (m, p) => unreachable!("route {m} {p} in ROUTES has no handler"),
     }
 }

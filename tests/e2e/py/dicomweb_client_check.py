@@ -174,6 +174,45 @@ def main():
             media_types=(("application/octet-stream", "*"),))
         check(len(frames) == 1 and frames[0] == ds.PixelData, f"{ds.SOPInstanceUID}: frame 1")
     print("WADO-RS frames equal the pixel data")
+    # Rendered and thumbnail: the window arithmetic of PS3.3 C.11.2.1.2, checked with numpy.
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ct = next(ds for ds in originals
+              if ds.get("PhotometricInterpretation") == "MONOCHROME2"
+              and ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+              and ds.get("BitsAllocated") == 16
+              and int(getattr(ds, "NumberOfFrames", 1) or 1) == 1)
+    ids = (ct.StudyInstanceUID, ct.SeriesInstanceUID, ct.SOPInstanceUID)
+    c, w = 40.0, 400.0
+    png = client.retrieve_instance_rendered(*ids, media_types=("image/png",),
+                                            params={"window": "40,400"})
+    img = np.asarray(Image.open(io.BytesIO(png)))
+    check(img.shape == (ct.Rows, ct.Columns), f"rendered PNG shape {img.shape}")
+    v = ct.pixel_array.astype(float) * float(getattr(ct, "RescaleSlope", 1)) + float(
+        getattr(ct, "RescaleIntercept", 0))
+    lo, hi = c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2
+    want = np.clip(((v - (c - 0.5)) / (w - 1) + 0.5) * 255, 0, 255)
+    want = np.where(v <= lo, 0, np.where(v > hi, 255, want))
+    diff = np.abs(img.astype(float) - want)
+    check(diff.max() <= 1.0, f"rendered pixels differ from the window formula by up to {diff.max()}")
+    check(len(np.unique(img)) > 16, "the rendered image is flat")
+    white = np.asarray(Image.open(io.BytesIO(client.retrieve_instance_rendered(
+        *ids, media_types=("image/png",), params={"window": "-100000,1"}))))
+    check((white == 255).all(), "a window below every value must render white")
+    jpeg = client.retrieve_instance_rendered(*ids, params={"viewport": "64,64", "quality": "80"})
+    check(jpeg[:2] == b"\xff\xd8", "JPEG expected by default")
+    check(Image.open(io.BytesIO(jpeg)).size == (64, 64), "viewport")
+    for path in (f"studies/{ids[0]}/series/{ids[1]}/instances/{ids[2]}/thumbnail",
+                 f"studies/{ids[0]}/series/{ids[1]}/thumbnail",
+                 f"studies/{ids[0]}/thumbnail"):
+        r = session.get(f"{a.url}/{path}", headers={"Accept": "image/jpeg"})
+        check(r.status_code == 200, f"{path}: {r.status_code} {r.text[:200]}")
+        t = Image.open(io.BytesIO(r.content))
+        check(max(t.size) == 128, f"{path}: thumbnail size {t.size}")
+    print("WADO-RS rendered and thumbnail match the window formula")
     print("OK")
 
 
