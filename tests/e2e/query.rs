@@ -505,3 +505,145 @@ async fn c_get_returns_a_series_on_the_same_association() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_move_re_encodes_for_a_destination_that_takes_only_implicit_vr() {
+    let (Some(movescu), Some(storescu), Some(storescp), Some(dcmsend)) = (
+        tools::dcmtk("movescu"),
+        tools::dcmtk("storescu"),
+        tools::dcmtk("storescp"),
+        tools::dcmtk("dcmsend"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#gen::CtSpec::small(1, 3); // Explicit VR Little Endian
+    let files = r#gen::ct_study(dir.path(), &spec);
+    let jpeg = testdata_dir().join("pydicom/JPEG2000.dcm");
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let o = node.dcmtk(&storescu, "STORESCU", &[], &files);
+        assert!(o.status.success(), "{}", tools::text(&o));
+        let o = node.dcmtk(
+            &dcmsend,
+            "STORESCU",
+            &["--decompress-never"],
+            std::slice::from_ref(&jpeg),
+        );
+        assert!(o.status.success(), "{}", tools::text(&o));
+        // A destination that accepts Implicit VR Little Endian only.
+        let scp = StoreScp::start(&storescp, "IMPLICIT", &["+xi", "+B"]);
+        let add = node.cli(&[
+            "peer",
+            "add",
+            "IMPLICIT",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &scp.port.to_string(),
+            "--allow",
+            "echo",
+        ]);
+        assert!(add.status.success());
+        let study = format!("StudyInstanceUID={}", spec.study_uid);
+        let args = [
+            "-v",
+            "-S",
+            "-aem",
+            "IMPLICIT",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &study,
+        ];
+        let out = tools::text(&node.dcmtk(&movescu, "MOVESCU", &args, &[]));
+        assert!(
+            out.contains("Received Final Move Response (Success)"),
+            "[{}] {out}\n{}",
+            b.name,
+            node.log()
+        );
+        let got = scp.files();
+        assert_eq!(got.len(), 3, "[{}] {out}", b.name);
+        for g in &got {
+            let arrived = dicom_object::open_file(g).unwrap();
+            assert_eq!(
+                arrived.meta().transfer_syntax().trim_end_matches('\0'),
+                "1.2.840.10008.1.2",
+                "[{}] not re-encoded",
+                b.name
+            );
+            let sop = arrived
+                .element(tags::SOP_INSTANCE_UID)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim_end_matches('\0')
+                .to_owned();
+            let sent = files
+                .iter()
+                .map(|f| dicom_object::open_file(f).unwrap())
+                .find(|o| {
+                    o.element(tags::SOP_INSTANCE_UID)
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .trim_end_matches('\0')
+                        == sop
+                })
+                .expect("a sent instance");
+            let px = |o: &dicom_object::DefaultDicomObject| {
+                o.element(tags::PIXEL_DATA)
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap()
+                    .to_vec()
+            };
+            assert_eq!(px(&arrived), px(&sent), "[{}] pixel data changed", b.name);
+        }
+        // A compressed instance cannot be re-encoded: a failed sub-operation, named.
+        let jp = kade_testkit::part10::Part10::read(&jpeg).unwrap();
+        let key = format!("SOPInstanceUID={}", jp.sop_instance);
+        let study_key = format!("StudyInstanceUID={}", corpus_study_of(&jpeg));
+        let args = [
+            "-v",
+            "-S",
+            "-aem",
+            "IMPLICIT",
+            "-k",
+            "QueryRetrieveLevel=IMAGE",
+            "-k",
+            &study_key,
+            "-k",
+            "SeriesInstanceUID",
+            "-k",
+            &key,
+        ];
+        let out = tools::text(&node.dcmtk(&movescu, "MOVESCU", &args, &[]));
+        assert!(
+            out.contains(
+                "Received Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)"
+            ),
+            "[{}] {out}",
+            b.name
+        );
+        assert_eq!(
+            scp.files().len(),
+            3,
+            "[{}] compressed instance arrived",
+            b.name
+        );
+    }
+}
+
+/// The Study Instance UID in a DICOM file.
+fn corpus_study_of(path: &std::path::Path) -> String {
+    dicom_object::open_file(path)
+        .unwrap()
+        .element(tags::STUDY_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_owned()
+}

@@ -1,4 +1,4 @@
-//! Core types shared by every Kade crate. No I/O.
+//! Core types shared by every Kade crate. No I/O (functions take and return bytes).
 //!
 //! # Layout
 //! - [`uid`]: [`Uid`], a validated DICOM unique identifier (PS3.5 §9.1), safe to use in storage keys.
@@ -8,12 +8,14 @@
 //! - [`json`]: the instance's DICOM JSON (PS3.18 §F.2) without bulk data, for WADO-RS metadata.
 //! - [`charset`]: decoding of text that arrived with the wrong VR (UN) using the dataset's charset.
 //! - [`peer`]: [`Peer`] and [`Permission`], the DIMSE peer allow-list entries.
+//! - [`transcode`]: re-encoding between the native transfer syntaxes (no codec).
 
 pub mod ae;
 pub mod attrs;
 pub mod charset;
 pub mod json;
 pub mod peer;
+pub mod transcode;
 pub mod uid;
 
 pub use ae::AeTitle;

@@ -146,11 +146,32 @@ async fn retrieve(
             want.media_type
         )));
     }
-    if let Some(ts) = &want.transfer_syntax {
-        if let Some(r) = rows.iter().find(|r| &r.transfer_syntax_uid != ts) {
+    use kade_core::transcode::{EXPLICIT_LE as ELE, IMPLICIT_LE, is_native};
+    // Instances stored in another native syntax are re-encoded; compressed ones cannot be.
+    let target: Option<&'static str> = match want.transfer_syntax.as_deref() {
+        None => None,
+        Some(ELE) => Some(ELE),
+        Some(IMPLICIT_LE) => Some(IMPLICIT_LE),
+        Some(other) => {
+            if let Some(r) = rows.iter().find(|r| r.transfer_syntax_uid != other) {
+                return Err(ApiError::NotAcceptable(format!(
+                    "instance {} is stored in transfer syntax {}, and Kade re-encodes only to \
+                     Explicit or Implicit VR Little Endian; ask for transfer-syntax=* to get it \
+                     as stored",
+                    r.sop_uid, r.transfer_syntax_uid
+                )));
+            }
+            None
+        }
+    };
+    if let Some(t) = target {
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.transfer_syntax_uid != t && !is_native(&r.transfer_syntax_uid))
+        {
             return Err(ApiError::NotAcceptable(format!(
-                "instance {} is stored in transfer syntax {}; ask for transfer-syntax=* to get \
-                 it as stored",
+                "instance {} is stored compressed ({}) and decompression is not supported yet; \
+                 ask for transfer-syntax=* to get it as stored",
                 r.sop_uid, r.transfer_syntax_uid
             )));
         }
@@ -165,14 +186,43 @@ async fn retrieve(
         let store = store.clone();
         let b = b.clone();
         async move {
+            let convert = target.filter(|t| *t != r.transfer_syntax_uid);
             let head = multipart::part_head(
                 &b,
                 &format!(
                     "application/dicom; transfer-syntax={}",
-                    r.transfer_syntax_uid
+                    convert.unwrap_or(&r.transfer_syntax_uid)
                 ),
                 &[],
             );
+            if let Some(t) = convert {
+                // Re-encoding needs the whole instance in memory (one instance at a time).
+                let blob = store.get(&r.blob_key).await;
+                let out = match blob {
+                    Ok(blob) => tokio::task::spawn_blocking(move || {
+                        kade_core::transcode::to_native(&blob, t)
+                    })
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                    Err(_) => None,
+                };
+                return match out {
+                    Some(bytes) => futures::stream::iter([
+                        Ok(head),
+                        Ok(Bytes::from(bytes)),
+                        Ok(Bytes::from_static(b"\r\n")),
+                    ])
+                    .boxed(),
+                    None => {
+                        tracing::error!(sop = %r.sop_uid, "WADO-RS: cannot re-encode");
+                        futures::stream::once(async {
+                            Err(std::io::Error::other("cannot re-encode"))
+                        })
+                        .boxed()
+                    }
+                };
+            }
             let body = match store.get_stream(&r.blob_key).await {
                 Ok(s) => s,
                 Err(e) => {

@@ -603,20 +603,29 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 cancelled = true;
                 break;
             }
-            let status = match out.context_in(&i.sop_class_uid, &i.transfer_syntax_uid) {
-                None => None, // the destination does not take this class in the stored syntax
-                Some(ctx) => match self.ctx.ingest.store().get(&i.blob_key).await {
-                    Ok(blob) => match c_move::dataset_of(&blob) {
-                        Some(ds) => out
-                            .store_on(
-                                ctx,
-                                &i.sop_class_uid,
-                                &i.sop_uid,
-                                ds,
-                                Some((calling, message_id)),
-                            )
-                            .await
-                            .ok(),
+            let chosen = c_move::choose(
+                |c, t| out.context_in(c, t),
+                &i.sop_class_uid,
+                &i.transfer_syntax_uid,
+            );
+            let status = match chosen {
+                // The destination takes this class neither as stored nor re-encoded.
+                None => None,
+                Some((ctx, target)) => match self.ctx.ingest.store().get(&i.blob_key).await {
+                    Ok(blob) => match c_move::prepared(blob, target).await {
+                        Some(blob) => match c_move::dataset_of(&blob) {
+                            Some(ds) => out
+                                .store_on(
+                                    ctx,
+                                    &i.sop_class_uid,
+                                    &i.sop_uid,
+                                    ds,
+                                    Some((calling, message_id)),
+                                )
+                                .await
+                                .ok(),
+                            None => None,
+                        },
                         None => None,
                     },
                     Err(e) => {
@@ -702,15 +711,25 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 cancelled = true;
                 break;
             }
-            let ctx = neg.contexts.iter().find(|(_, c)| {
-                c.abstract_syntax == i.sop_class_uid && c.transfer_syntax == i.transfer_syntax_uid
-            });
-            let blob = match ctx {
-                Some(_) => self.ctx.ingest.store().get(&i.blob_key).await.ok(),
+            let chosen = c_move::choose(
+                |class, t| {
+                    neg.contexts
+                        .iter()
+                        .find(|(_, c)| c.abstract_syntax == class && c.transfer_syntax == t)
+                        .map(|(&pc, _)| pc)
+                },
+                &i.sop_class_uid,
+                &i.transfer_syntax_uid,
+            );
+            let blob = match chosen {
+                Some((_, target)) => match self.ctx.ingest.store().get(&i.blob_key).await {
+                    Ok(b) => c_move::prepared(b, target).await,
+                    Err(_) => None,
+                },
                 None => None,
             };
-            let status = match (ctx, blob.as_deref().and_then(c_move::dataset_of)) {
-                (Some((&store_pc, _)), Some(ds)) => {
+            let status = match (chosen, blob.as_deref().and_then(c_move::dataset_of)) {
+                (Some((store_pc, _)), Some(ds)) => {
                     let cs = crate::command::store_request(
                         n as u16 + 1,
                         &i.sop_class_uid,

@@ -151,8 +151,11 @@ pub fn query_of(identifier: &[u8], ts: &str) -> Result<LevelQuery<InstanceKey>, 
 }
 
 /// The presentation contexts to propose for `instances`: one per SOP class and stored
-/// transfer syntax, so every instance can go as stored.
+/// transfer syntax, so every instance can go as stored, plus, for classes stored in a native
+/// transfer syntax, one offering Explicit and Implicit VR Little Endian, into which Kade can
+/// re-encode when the destination does not take the stored one.
 pub fn proposals(instances: &[InstanceRow]) -> Vec<(String, Vec<String>)> {
+    use kade_core::transcode::{EXPLICIT_LE, IMPLICIT_LE, is_native};
     let mut v: Vec<(String, Vec<String>)> = Vec::new();
     for i in instances {
         let p = (i.sop_class_uid.clone(), vec![i.transfer_syntax_uid.clone()]);
@@ -160,8 +163,56 @@ pub fn proposals(instances: &[InstanceRow]) -> Vec<(String, Vec<String>)> {
             v.push(p);
         }
     }
+    let classes: Vec<String> = instances
+        .iter()
+        .filter(|i| is_native(&i.transfer_syntax_uid))
+        .map(|i| i.sop_class_uid.clone())
+        .collect();
+    for c in classes {
+        let p = (c, vec![EXPLICIT_LE.to_owned(), IMPLICIT_LE.to_owned()]);
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    }
     v.truncate(128); // the most presentation contexts one association can carry
     v
+}
+
+/// The presentation context to send an instance of `class`, stored in `stored`, on:
+/// `context(class, ts)` looks an accepted context up. As stored when possible (`None` as the
+/// second value), else re-encoded to Explicit or Implicit VR Little Endian when the stored
+/// syntax is native.
+pub fn choose(
+    context: impl Fn(&str, &str) -> Option<u8>,
+    class: &str,
+    stored: &str,
+) -> Option<(u8, Option<&'static str>)> {
+    use kade_core::transcode::{EXPLICIT_LE, IMPLICIT_LE, is_native};
+    if let Some(pc) = context(class, stored) {
+        return Some((pc, None));
+    }
+    if !is_native(stored) {
+        return None;
+    }
+    [EXPLICIT_LE, IMPLICIT_LE]
+        .into_iter()
+        .find_map(|t| context(class, t).map(|pc| (pc, Some(t))))
+}
+
+/// The blob to send: as stored, or re-encoded to `target` (in a blocking task).
+pub async fn prepared(blob: bytes::Bytes, target: Option<&'static str>) -> Option<bytes::Bytes> {
+    match target {
+        None => Some(blob),
+        Some(t) => tokio::task::spawn_blocking(move || {
+            kade_core::transcode::to_native(&blob, t)
+                .map_err(|e| tracing::warn!(error = %e, "cannot re-encode for the destination"))
+                .ok()
+                .map(bytes::Bytes::from)
+        })
+        .await
+        .ok()
+        .flatten(),
+    }
 }
 
 /// The identifier of a final response after failed sub-operations: the Failed SOP Instance

@@ -174,6 +174,23 @@ def main():
             media_types=(("application/octet-stream", "*"),))
         check(len(frames) == 1 and frames[0] == ds.PixelData, f"{ds.SOPInstanceUID}: frame 1")
     print("WADO-RS frames equal the pixel data")
+    # Transfer syntax on request: native syntaxes are re-encoded, compressed ones refused.
+    from pydicom.uid import ImplicitVRLittleEndian
+    implicit = next(ds for ds in originals if ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+                    and "PixelData" in ds)
+    got = client.retrieve_instance(implicit.StudyInstanceUID, implicit.SeriesInstanceUID,
+                                   implicit.SOPInstanceUID,
+                                   media_types=(("application/dicom", ExplicitVRLittleEndian),))
+    check(got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian, "not re-encoded")
+    check(got.PixelData == implicit.PixelData, "pixel data changed by re-encoding")
+    compressed = next(ds for ds in originals if ds.file_meta.TransferSyntaxUID.is_compressed)
+    r = session.get(f"{a.url}/studies/{compressed.StudyInstanceUID}/series/"
+                    f"{compressed.SeriesInstanceUID}/instances/{compressed.SOPInstanceUID}",
+                    headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                       f"transfer-syntax={ExplicitVRLittleEndian}"})
+    check(r.status_code == 406, f"compressed to Explicit VR LE gave {r.status_code}")
+    print("WADO-RS re-encodes native instances on request and refuses what it cannot decode")
+
     # Rendered and thumbnail: the window arithmetic of PS3.3 C.11.2.1.2, checked with numpy.
     import io
 
