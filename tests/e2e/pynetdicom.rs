@@ -1,6 +1,6 @@
 //! pynetdicom as the peer: C-ECHO, C-STORE, C-FIND (Study and Patient Root, every level),
 //! C-GET into the test and C-MOVE to a storage SCP the test runs, checked against pydicom, and
-//! C-CANCEL in the middle of a C-MOVE and a C-GET.
+//! C-CANCEL in the middle of a C-MOVE and a C-GET, and a Storage Commitment round trip.
 
 use std::process::Command;
 
@@ -39,6 +39,16 @@ async fn pynetdicom_echoes_stores_finds_gets_moves_and_cancels() {
             &move_port.to_string(),
             "--allow",
             "store",
+        ]);
+        assert!(o.status.success(), "{}", tools::text(&o));
+        let o = node.cli(&[
+            "peer",
+            "add",
+            "COMMITSCU",
+            "--host",
+            "127.0.0.1",
+            "--allow",
+            "echo,commit",
         ]);
         assert!(o.status.success(), "{}", tools::text(&o));
         let script = concat!(

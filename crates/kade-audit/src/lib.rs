@@ -44,6 +44,8 @@ pub enum EventKind {
     Retrieve,
     /// An administrative action (peer added or removed, repair by fsck).
     Admin,
+    /// A storage commitment was answered (instances committed or not).
+    Commitment,
     /// A web request without valid credentials (Security Alert, 110113).
     AuthenticationFailed,
     /// An authenticated caller asked for something its role does not allow (Security Alert).
@@ -63,6 +65,7 @@ impl EventKind {
             EventKind::Query => "query",
             EventKind::Retrieve => "retrieve",
             EventKind::Admin => "admin",
+            EventKind::Commitment => "storage-commitment",
             EventKind::AuthenticationFailed => "authentication-failed",
             EventKind::AccessDenied => "access-denied",
         }

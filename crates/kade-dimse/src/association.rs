@@ -63,8 +63,14 @@ struct MoveRequest<'a> {
 /// What an identifier is for.
 enum QueryOp {
     Find,
-    Move { destination: String },
+    Move {
+        destination: String,
+    },
     Get,
+    /// Storage Commitment (N-ACTION) on this SOP Instance.
+    Commit {
+        sop_instance: String,
+    },
 }
 
 enum State {
@@ -323,6 +329,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     }
                     QueryOp::Get => {
                         self.get_op(pc_id, message_id, &sop_class, &buf, neg, source)
+                            .await?
+                    }
+                    QueryOp::Commit { sop_instance } => {
+                        self.commit(pc_id, message_id, &sop_instance, &buf, neg, source)
                             .await?
                     }
                     QueryOp::Move { destination } => {
@@ -656,6 +666,95 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             Status::SubOperationsFailed
         };
         Ok((status, counts, failed, None))
+    }
+
+    /// Storage Commitment: answers the N-ACTION, checks every referenced instance (indexed,
+    /// same class, blob re-hashed), then sends the N-EVENT-REPORT on this association and
+    /// reads its response.
+    async fn commit(
+        &mut self,
+        pc_id: u8,
+        message_id: u16,
+        sop_instance: &str,
+        data: &[u8],
+        neg: &Negotiated,
+        source: &kade_ingest::Source,
+    ) -> Result<(), End> {
+        use crate::command::{field, tag};
+        use crate::commitment::{self, STORAGE_COMMITMENT_PUSH};
+        let ts = neg
+            .contexts
+            .get(&pc_id)
+            .map(|c| c.transfer_syntax.clone())
+            .unwrap_or_default();
+        let rsp = |status, why: Option<String>| Response {
+            command_field: field::N_ACTION_RSP,
+            message_id,
+            sop_class: Some(STORAGE_COMMITMENT_PUSH.to_owned()),
+            sop_instance: Some(sop_instance.to_owned()),
+            status,
+            error_comment: why,
+        };
+        let req = match commitment::parse(data, &ts) {
+            Ok(r) => r,
+            Err(why) => {
+                return self
+                    .respond(pc_id, &rsp(Status::UnableToProcess, Some(why)))
+                    .await;
+            }
+        };
+        self.respond(pc_id, &rsp(Status::Success, None)).await?;
+        let outcome = commitment::check(&self.ctx.ingest, &req).await;
+        let data = match commitment::event_data_set(&req, &outcome, &ts) {
+            Ok(d) => d,
+            Err(why) => {
+                tracing::error!(error = %why, "storage commitment: cannot encode the report");
+                return Ok(());
+            }
+        };
+        let mut cs = CommandSet::default();
+        cs.set_uid(tag::AFFECTED_SOP_CLASS_UID, STORAGE_COMMITMENT_PUSH)
+            .set_u16(tag::COMMAND_FIELD, field::N_EVENT_REPORT_RQ)
+            .set_u16(tag::MESSAGE_ID, message_id.wrapping_add(1))
+            .set_u16(tag::COMMAND_DATA_SET_TYPE, 0x0000)
+            .set_uid(
+                tag::AFFECTED_SOP_INSTANCE_UID,
+                commitment::STORAGE_COMMITMENT_INSTANCE,
+            )
+            .set_u16(
+                tag::EVENT_TYPE_ID,
+                if outcome.failed.is_empty() { 1 } else { 2 },
+            );
+        self.send(&pdu::encode_pdata(
+            pc_id,
+            true,
+            &cs.encode(),
+            self.peer_max_pdu,
+        ))
+        .await?;
+        self.send(&pdu::encode_pdata(pc_id, false, &data, self.peer_max_pdu))
+            .await?;
+        let reply = self.read_command().await?;
+        if reply.u16(tag::COMMAND_FIELD) != Some(field::N_EVENT_REPORT_RSP) {
+            return Err(End::Protocol(
+                "expected the N-EVENT-REPORT response of a storage commitment".into(),
+            ));
+        }
+        let outcome_kind = if outcome.failed.is_empty() {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let mut ev = AuditEvent::new(EventKind::Commitment, outcome_kind, source.actor.clone())
+            .detail(format!(
+                "storage commitment {}: {} committed, {} failed",
+                req.transaction,
+                outcome.committed.len(),
+                outcome.failed.len()
+            ));
+        ev.actor_address = source.address.clone();
+        self.audit(ev).await;
+        Ok(())
     }
 
     /// Runs a C-GET: C-STORE sub-operations on this association, pending responses with
@@ -1011,6 +1110,47 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     message_id,
                     sop_class,
                     op,
+                    buf: Vec::new(),
+                })
+            }
+            Command::Action {
+                message_id,
+                sop_class,
+                sop_instance,
+                action_type,
+            } => {
+                use crate::commitment::{STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH};
+                let refusal = if sop_class != STORAGE_COMMITMENT_PUSH {
+                    Some((
+                        Status::SopClassNotSupported,
+                        "only Storage Commitment takes N-ACTION",
+                    ))
+                } else if sop_instance != STORAGE_COMMITMENT_INSTANCE {
+                    Some((
+                        Status::UnableToProcess,
+                        "the Storage Commitment SOP Instance is 1.2.840.10008.1.20.1.1",
+                    ))
+                } else if action_type != 1 {
+                    Some((Status::UnableToProcess, "the only action is 1 (commit)"))
+                } else {
+                    None
+                };
+                if let Some((status, why)) = refusal {
+                    let response = Response {
+                        command_field: crate::command::field::N_ACTION_RSP,
+                        message_id,
+                        sop_class: Some(sop_class),
+                        sop_instance: Some(sop_instance),
+                        status,
+                        error_comment: Some(why.into()),
+                    };
+                    return self.refuse(pc_id, response, true).await;
+                }
+                Ok(State::Identifier {
+                    pc_id,
+                    message_id,
+                    sop_class,
+                    op: QueryOp::Commit { sop_instance },
                     buf: Vec::new(),
                 })
             }

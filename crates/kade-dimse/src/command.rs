@@ -29,6 +29,14 @@ pub mod field {
     pub const C_MOVE_RSP: u16 = 0x8021;
     /// C-CANCEL-RQ.
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
+    /// N-ACTION-RQ.
+    pub const N_ACTION_RQ: u16 = 0x0130;
+    /// N-ACTION-RSP.
+    pub const N_ACTION_RSP: u16 = 0x8130;
+    /// N-EVENT-REPORT-RQ.
+    pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
+    /// N-EVENT-REPORT-RSP.
+    pub const N_EVENT_REPORT_RSP: u16 = 0x8100;
 }
 
 /// Command element numbers in group 0000 (PS3.7 §E.1).
@@ -65,6 +73,14 @@ pub mod tag {
     pub const NUMBER_OF_FAILED_SUBOPERATIONS: u16 = 0x1022;
     #[allow(missing_docs)]
     pub const NUMBER_OF_WARNING_SUBOPERATIONS: u16 = 0x1023;
+    #[allow(missing_docs)]
+    pub const REQUESTED_SOP_CLASS_UID: u16 = 0x0003;
+    #[allow(missing_docs)]
+    pub const REQUESTED_SOP_INSTANCE_UID: u16 = 0x1001;
+    #[allow(missing_docs)]
+    pub const EVENT_TYPE_ID: u16 = 0x1002;
+    #[allow(missing_docs)]
+    pub const ACTION_TYPE_ID: u16 = 0x1008;
 }
 
 /// CommandDataSetType value meaning "no data set follows".
@@ -243,6 +259,17 @@ pub enum Command {
         /// Affected SOP Class UID (the query/retrieve information model).
         sop_class: String,
     },
+    /// N-ACTION-RQ (PS3.7 §10.1.4): here, a Storage Commitment request.
+    Action {
+        /// Message ID.
+        message_id: u16,
+        /// Requested SOP Class UID.
+        sop_class: String,
+        /// Requested SOP Instance UID.
+        sop_instance: String,
+        /// Action Type ID.
+        action_type: u16,
+    },
     /// C-CANCEL-RQ (PS3.7 §9.3.2.3): cancel the operation with this Message ID.
     Cancel {
         /// Message ID Being Responded To.
@@ -353,6 +380,27 @@ impl Command {
                     }),
                 },
             },
+            field::N_ACTION_RQ => match (
+                cs.str(tag::REQUESTED_SOP_CLASS_UID),
+                cs.str(tag::REQUESTED_SOP_INSTANCE_UID),
+            ) {
+                (Some(sop_class), Some(sop_instance)) => Command::Action {
+                    message_id,
+                    sop_class,
+                    sop_instance,
+                    action_type: cs.u16(tag::ACTION_TYPE_ID).unwrap_or(0),
+                },
+                (c, _) => Command::Invalid {
+                    command_field,
+                    message_id,
+                    has_data_set,
+                    reason: CommandError::Missing(if c.is_none() {
+                        "RequestedSOPClassUID"
+                    } else {
+                        "RequestedSOPInstanceUID"
+                    }),
+                },
+            },
             field::C_CANCEL_RQ => Command::Cancel {
                 message_id: cs.u16(tag::MESSAGE_ID_BEING_RESPONDED_TO).unwrap_or(0),
             },
@@ -370,6 +418,7 @@ impl Command {
         match self {
             Command::Echo { .. } | Command::Cancel { .. } => false,
             Command::Store { .. }
+            | Command::Action { .. }
             | Command::Find { .. }
             | Command::Move { .. }
             | Command::Get { .. } => true,

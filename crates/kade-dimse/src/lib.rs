@@ -22,6 +22,7 @@ pub mod c_get;
 pub mod c_move;
 pub mod c_store;
 pub mod command;
+pub mod commitment;
 pub mod negotiation;
 pub mod pdu;
 pub mod policy;

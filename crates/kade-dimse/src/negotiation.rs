@@ -83,6 +83,8 @@ pub fn negotiate(rq: &AssociationRQ, peer: &Peer, our_max_pdu: u32) -> Negotiate
                 Some(Permission::Move)
             } else if crate::c_get::is_get_sop_class(abs) {
                 Some(Permission::Get)
+            } else if abs == crate::commitment::STORAGE_COMMITMENT_PUSH {
+                Some(Permission::Commit)
             } else if is_storage_sop_class(abs) && wants_scp(abs) && peer.may(Permission::Get) {
                 // Kade will send C-GET results on this context.
                 Some(Permission::Get)

@@ -259,6 +259,57 @@ def main():
     check(final is not None and final.Status == 0xFE00, f"cancelled C-GET ended with {final}")
     check(len(received) < total, f"all {total} received despite the cancel")
     print(f"C-CANCEL stopped a C-GET after {len(received)} of {total} instances")
+
+    # Storage Commitment: every stored instance plus one Kade never received.
+    import time
+
+    from pydicom.uid import generate_uid
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+    reports = []
+
+    def on_report(event):
+        reports.append((event.event_type, event.event_information))
+        return 0x0000, None
+
+    ae = AE(ae_title="COMMITSCU")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", a.port, ae_title="KADE",
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    check(assoc.is_established, "COMMITSCU could not associate")
+    req = Dataset()
+    req.TransactionUID = generate_uid()
+    missing = generate_uid()
+    items = []
+    for ds in files[:5] + [None]:
+        it = Dataset()
+        it.ReferencedSOPClassUID = ds.SOPClassUID if ds else files[0].SOPClassUID
+        it.ReferencedSOPInstanceUID = ds.SOPInstanceUID if ds else missing
+        items.append(it)
+    req.ReferencedSOPSequence = items
+    status, _ = assoc.send_n_action(req, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+    check(status is not None and status.Status == 0, f"N-ACTION status {status}")
+    for _ in range(200):
+        if reports:
+            break
+        time.sleep(0.05)
+    assoc.release()
+    check(reports, "no N-EVENT-REPORT on the association")
+    event_type, info = reports[0]
+    check(event_type == 2, f"event type {event_type}: one instance is missing, so 2 expected")
+    check(info.TransactionUID == req.TransactionUID, "transaction UID")
+    ok = {x.ReferencedSOPInstanceUID for x in info.ReferencedSOPSequence}
+    check(ok == {ds.SOPInstanceUID for ds in files[:5]}, f"committed {ok}")
+    bad = [(x.ReferencedSOPInstanceUID, x.FailureReason) for x in info.FailedSOPSequence]
+    check(bad == [(missing, 0x0112)], f"failed {bad}")
+    # A peer without the commit permission gets no Storage Commitment context.
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", a.port, ae_title="KADE")
+    check(not assoc.is_established or not assoc.accepted_contexts,
+          "a peer without the commit permission got a Storage Commitment context")
+    if assoc.is_established:
+        assoc.release()
+    print("Storage Commitment: 5 committed after re-hashing, the unknown instance failed (0112)")
     print("OK")
 
 
