@@ -8,6 +8,7 @@ mod admin;
 mod association;
 mod corpus;
 mod crash;
+mod dicom_tls;
 mod dicomweb;
 mod pynetdicom;
 mod query;

@@ -108,9 +108,23 @@ pub struct Peer {
     /// `PatientName=*` sweep is refused and audited). Meant for peers outside the department.
     #[serde(default)]
     pub narrow_queries: bool,
+    /// SHA-256 fingerprint of the TLS client certificate this AE title must present
+    /// (hex, colons optional). Set: the peer may associate only over DICOM TLS with that
+    /// certificate; anything else is rejected like an unknown peer.
+    #[serde(default)]
+    pub tls_cert_sha256: Option<String>,
 }
 
 impl Peer {
+    /// Whether a connection presenting a client certificate with this SHA-256 fingerprint
+    /// (lower-case hex, no colons; None without TLS or certificate) may speak for this peer.
+    pub fn accepts_certificate(&self, fingerprint: Option<&str>) -> bool {
+        match &self.tls_cert_sha256 {
+            None => true,
+            Some(bound) => fingerprint.is_some_and(|f| normalize_fingerprint(bound) == f),
+        }
+    }
+
     /// Whether a connection from `addr` matches this peer's host or network.
     pub fn matches_address(&self, addr: IpAddr) -> bool {
         let addr = match addr {
@@ -124,6 +138,14 @@ impl Peer {
     pub fn may(&self, p: Permission) -> bool {
         self.allow.contains(&p)
     }
+}
+
+/// A certificate fingerprint as lower-case hex without separators.
+pub fn normalize_fingerprint(s: &str) -> String {
+    s.chars()
+        .filter(char::is_ascii_hexdigit)
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }
 
 /// Parses `ADDR` or `ADDR/PREFIX` (a bare address is a /32 or /128 network).
@@ -182,6 +204,7 @@ mod tests {
             allow: vec![Permission::Store],
             max_matches: None,
             narrow_queries: false,
+            tls_cert_sha256: None,
         };
         assert!(peer.matches_address("10.1.2.3".parse().unwrap()));
         assert!(!peer.matches_address("10.2.0.1".parse().unwrap()));

@@ -98,11 +98,14 @@ enum State {
 }
 
 /// Serves one TCP connection until the association ends.
+/// `client_cert` is the SHA-256 (lower-case hex) of the TLS client certificate, when the
+/// connection came through the DICOM TLS listener with one.
 pub async fn serve<S>(
     stream: S,
     addr: SocketAddr,
     ctx: Arc<Context>,
     shutdown: watch::Receiver<bool>,
+    client_cert: Option<String>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -114,6 +117,7 @@ pub async fn serve<S>(
         addr,
         peer_max_pdu: 0,
         limits: crate::c_find::Limits::default(),
+        client_cert,
     };
     let Some((neg, source)) = conn.establish().await else {
         return;
@@ -152,6 +156,8 @@ struct Conn<R, W> {
     peer_max_pdu: u32,
     /// The query limits of the connected peer.
     limits: crate::c_find::Limits,
+    /// SHA-256 of the TLS client certificate, if any.
+    client_cert: Option<String>,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
@@ -198,7 +204,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         let calling = rq.calling_ae_title.trim().to_owned();
         let address = self.addr.ip().to_string();
         let actor = format!("ae:{calling}");
-        match policy::check(&rq, &opts.ae_title, self.addr.ip(), &self.ctx.peers).await {
+        let checked =
+            match policy::check(&rq, &opts.ae_title, self.addr.ip(), &self.ctx.peers).await {
+                Ok(peer) if !peer.accepts_certificate(self.client_cert.as_deref()) => {
+                    Err(policy::Refusal::Certificate(calling.clone()))
+                }
+                other => other,
+            };
+        match checked {
             Err(refusal) => {
                 tracing::warn!(calling_ae = %calling, addr = %address, reason = %refusal.describe(), "association rejected");
                 let ev =

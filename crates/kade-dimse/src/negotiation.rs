@@ -196,6 +196,7 @@ mod tests {
             allow,
             max_matches: None,
             narrow_queries: false,
+            tls_cert_sha256: None,
         }
     }
 

@@ -65,6 +65,9 @@ pub enum Refusal {
     CalledAe(String),
     /// The calling AE title is unknown, or not allowed from this address.
     CallingAe(String),
+    /// The calling AE title is bound to a TLS client certificate that this connection did not
+    /// present.
+    Certificate(String),
 }
 
 impl Refusal {
@@ -80,7 +83,7 @@ impl Refusal {
             Refusal::CalledAe(_) => AssociationRJSource::ServiceUser(
                 AssociationRJServiceUserReason::CalledAETitleNotRecognized,
             ),
-            Refusal::CallingAe(_) => AssociationRJSource::ServiceUser(
+            Refusal::CallingAe(_) | Refusal::Certificate(_) => AssociationRJSource::ServiceUser(
                 AssociationRJServiceUserReason::CallingAETitleNotRecognized,
             ),
         };
@@ -99,6 +102,10 @@ impl Refusal {
             Refusal::CallingAe(ae) => {
                 format!("calling AE title {ae:?} is not a known peer from this address")
             }
+            Refusal::Certificate(ae) => format!(
+                "client certificate does not match the one bound to AE {ae:?} (or none was \
+                 presented over DICOM TLS)"
+            ),
         }
     }
 }

@@ -9,8 +9,9 @@ use dicom_ul::pdu::{
 };
 use kade_audit::Audit;
 use kade_ingest::Ingest;
+use sha2::Digest;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -46,6 +47,31 @@ impl DimseServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
+        self.serve(listener, None, shutdown).await
+    }
+
+    /// Like [`DimseServer::run`], for the DICOM TLS listener: each connection completes a TLS
+    /// handshake (within the establish timeout) before its association request is read, and
+    /// the client certificate's SHA-256, if one was presented, is checked against the peer's
+    /// binding.
+    ///
+    /// # Errors
+    /// Only if accepting fails in a way that will not recover.
+    pub async fn run_tls(
+        self,
+        listener: TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        self.serve(listener, Some(acceptor), shutdown).await
+    }
+
+    async fn serve(
+        self,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let limit = Arc::new(Semaphore::new(self.ctx.opts.max_associations));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -66,19 +92,57 @@ impl DimseServer {
             let _ = sock.set_nodelay(true);
             while tasks.try_join_next().is_some() {}
             let ctx = self.ctx.clone();
-            match limit.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let stop = stop_rx.clone();
-                    tasks.spawn(async move {
-                        association::serve(sock, addr, ctx, stop).await;
-                        drop(permit);
-                    });
+            let permit = limit.clone().try_acquire_owned().ok();
+            let stop = stop_rx.clone();
+            let tls = tls.clone();
+            tasks.spawn(async move {
+                match tls {
+                    None => match permit {
+                        Some(permit) => {
+                            association::serve(sock, addr, ctx, stop, None).await;
+                            drop(permit);
+                        }
+                        None => {
+                            tracing::warn!(addr = %addr, "association limit reached; rejecting");
+                            reject_busy(sock, addr, ctx).await;
+                        }
+                    },
+                    Some(acceptor) => {
+                        let hs = tokio::time::timeout(
+                            ctx.opts.establish_timeout,
+                            acceptor.accept(sock),
+                        )
+                        .await;
+                        let stream = match hs {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::info!(addr = %addr, error = %e, "DICOM TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(addr = %addr, "DICOM TLS handshake timed out");
+                                return;
+                            }
+                        };
+                        let cert = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|c| hex::encode(sha2::Sha256::digest(c.as_ref())));
+                        match permit {
+                            Some(permit) => {
+                                association::serve(stream, addr, ctx, stop, cert).await;
+                                drop(permit);
+                            }
+                            None => {
+                                tracing::warn!(addr = %addr, "association limit reached; rejecting");
+                                reject_busy(stream, addr, ctx).await;
+                            }
+                        }
+                    }
                 }
-                Err(_) => {
-                    tracing::warn!(addr = %addr, "association limit reached; rejecting");
-                    tasks.spawn(reject_busy(sock, addr, ctx));
-                }
-            }
+            });
         }
         tracing::info!(
             running = tasks.len(),
@@ -102,7 +166,10 @@ impl DimseServer {
 
 /// Answers an association request over the limit with A-ASSOCIATE-RJ (transient, local
 /// limit exceeded), so the peer knows to retry later.
-async fn reject_busy(mut sock: TcpStream, addr: SocketAddr, ctx: Arc<Context>) {
+async fn reject_busy<S>(mut sock: S, addr: SocketAddr, ctx: Arc<Context>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let read = pdu::read(&mut sock, ctx.opts.max_pdu);
     if let Ok(Ok(Some(_))) = tokio::time::timeout(ctx.opts.establish_timeout, read).await {
         let rj = AssociationRJ {

@@ -78,6 +78,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "auth",
         include_str!("../../../migrations/sqlite/0003_auth.sql"),
     ),
+    (
+        4,
+        "peer tls",
+        include_str!("../../../migrations/sqlite/0004_peer_tls.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -94,6 +99,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "auth",
         include_str!("../../../migrations/postgres/0003_auth.sql"),
+    ),
+    (
+        4,
+        "peer tls",
+        include_str!("../../../migrations/postgres/0004_peer_tls.sql"),
     ),
 ];
 

@@ -13,9 +13,11 @@ impl Index {
     pub async fn put_peer(&self, p: &Peer) -> Result<(), IndexError> {
         sqlx::query(
             "INSERT INTO peers (ae_title, host, port, permissions, created_at, max_matches, \
-             narrow_queries) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (ae_title) DO UPDATE \
+             narrow_queries, tls_cert_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (ae_title) DO UPDATE \
              SET host = excluded.host, port = excluded.port, permissions = excluded.permissions, \
-             max_matches = excluded.max_matches, narrow_queries = excluded.narrow_queries",
+             max_matches = excluded.max_matches, narrow_queries = excluded.narrow_queries, \
+             tls_cert_sha256 = excluded.tls_cert_sha256",
         )
         .bind(p.ae_title.as_str())
         .bind(p.host.to_string())
@@ -24,6 +26,7 @@ impl Index {
         .bind(crate::now())
         .bind(p.max_matches.map(i64::from))
         .bind(i64::from(p.narrow_queries))
+        .bind(p.tls_cert_sha256.as_deref())
         .execute(&self.write)
         .await?;
         Ok(())
@@ -46,15 +49,18 @@ impl Index {
     /// # Errors
     /// Database errors.
     pub async fn peers(&self) -> Result<Vec<Peer>, IndexError> {
-        let rows =
-            sqlx::query("SELECT ae_title, host, port, permissions, max_matches, narrow_queries FROM peers ORDER BY ae_title")
-                .fetch_all(self.read_pool())
-                .await?;
+        let rows = sqlx::query(
+            "SELECT ae_title, host, port, permissions, max_matches, narrow_queries, \
+                 tls_cert_sha256 FROM peers ORDER BY ae_title",
+        )
+        .fetch_all(self.read_pool())
+        .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let (ae, host, port, perms): (String, String, Option<i64>, String) =
                 (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
             let (max_matches, narrow): (Option<i64>, i64) = (r.try_get(4)?, r.try_get(5)?);
+            let tls_cert_sha256: Option<String> = r.try_get(6)?;
             let parsed = (|| {
                 Ok::<_, String>(Peer {
                     ae_title: AeTitle::new(&ae).map_err(|e| e.to_string())?,
@@ -63,6 +69,7 @@ impl Index {
                     allow: peer::parse_permissions(&perms)?,
                     max_matches: max_matches.and_then(|m| u32::try_from(m).ok()),
                     narrow_queries: narrow != 0,
+                    tls_cert_sha256,
                 })
             })();
             match parsed {

@@ -41,6 +41,7 @@ pub async fn peer(cfg: &Config, cmd: PeerCommand) -> anyhow::Result<()> {
             allow,
             max_matches,
             narrow_queries,
+            tls_cert_sha256,
         } => {
             let p = Peer {
                 ae_title: AeTitle::new(&ae_title).context("AE title")?,
@@ -49,6 +50,20 @@ pub async fn peer(cfg: &Config, cmd: PeerCommand) -> anyhow::Result<()> {
                 allow: peer::parse_permissions(&allow).map_err(anyhow::Error::msg)?,
                 max_matches,
                 narrow_queries,
+                tls_cert_sha256: tls_cert_sha256
+                    .map(|f| {
+                        let n = peer::normalize_fingerprint(&f);
+                        if n.len() == 64 {
+                            Ok(n)
+                        } else {
+                            Err(anyhow::anyhow!(
+                                "--tls-cert-sha256 must be a SHA-256 fingerprint (64 hex digits, \
+                                 colons allowed), e.g. from: openssl x509 -in cert.pem -noout \
+                                 -fingerprint -sha256"
+                            ))
+                        }
+                    })
+                    .transpose()?,
             };
             node.index.put_peer(&p).await?;
             record(

@@ -131,6 +131,9 @@ pub struct ServeArgs {
     /// HTTPS port for DICOMweb and the viewer (overrides the configuration; 0 picks a free port).
     #[arg(long)]
     pub http_port: Option<u16>,
+    /// DICOM TLS port (overrides dicom.tls.port; 0 picks a free port).
+    #[arg(long)]
+    pub dicom_tls_port: Option<u16>,
 }
 
 /// `kade fsck` options.
@@ -153,7 +156,7 @@ pub struct FsckArgs {
 pub enum PeerCommand {
     /// Allow a peer (replaces an existing one with the same AE title).
     #[command(
-        after_help = "Examples:\n  kade peer add CT1 --host 10.0.0.5 --allow echo,store\n  kade peer add WS1 --host 10.1.0.0/16 --port 104 --allow echo,find,move\n  kade peer add REMOTE --host 192.0.2.7 --allow echo,find --narrow-queries --max-matches 200"
+        after_help = "Examples:\n  kade peer add CT1 --host 10.0.0.5 --allow echo,store\n  kade peer add WS1 --host 10.1.0.0/16 --port 104 --allow echo,find,move\n  kade peer add REMOTE --host 192.0.2.7 --allow echo,find --narrow-queries --max-matches 200\n  kade peer add MODALITY --host 10.0.0.9 --allow echo,store --tls-cert-sha256 3F:A2:…"
     )]
     Add {
         /// The peer's AE title.
@@ -173,6 +176,10 @@ pub enum PeerCommand {
         /// Answer only queries that name a patient, a study or a date range.
         #[arg(long)]
         narrow_queries: bool,
+        /// Bind the AE title to a TLS client certificate (its SHA-256 fingerprint): the peer
+        /// may then associate only over DICOM TLS with that certificate.
+        #[arg(long, value_name = "FINGERPRINT")]
+        tls_cert_sha256: Option<String>,
     },
     /// List peers (from the configuration file and from `kade peer add`).
     List {

@@ -123,6 +123,42 @@ pub struct DicomConfig {
     /// Peers allowed to connect, in addition to those added with `kade peer add`.
     #[serde(default)]
     pub peers: Vec<Peer>,
+    /// Serve plain (unencrypted) DIMSE on `port`. Default true; false leaves only the DICOM
+    /// TLS listener. Env `KADE_DICOM_PLAIN`.
+    #[serde(default = "default_true")]
+    pub plain: bool,
+    /// `[dicom.tls]`: the DICOM TLS listener.
+    #[serde(default)]
+    pub tls: DicomTlsConfig,
+}
+
+/// `[dicom.tls]`: DIMSE over TLS 1.2/1.3 (PS3.15 B.12, BCP 195).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomTlsConfig {
+    /// Serve DICOM TLS. Default false. Env `KADE_DICOM_TLS_ENABLED`.
+    #[serde(default)]
+    pub enabled: bool,
+    /// TCP port. Default 2762 (the registered DICOM TLS port). Env `KADE_DICOM_TLS_PORT`.
+    #[serde(default = "default_dicom_tls_port")]
+    pub port: u16,
+    /// Certificate chain and key (PEM). Unset: the HTTPS listener's (configured or generated).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Private key for `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// CA bundle (PEM) for client certificates. Set: every peer must present a certificate
+    /// issued by one of these CAs, and a peer whose `tls_cert_sha256` is set must present
+    /// exactly that one. Unset: no client certificate is asked for.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+impl Default for DicomTlsConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults deserialize")
+    }
 }
 
 /// `[index]`: the metadata database.
@@ -206,6 +242,9 @@ fn default_establish_timeout() -> u64 {
 }
 fn default_read_timeout() -> u64 {
     60
+}
+fn default_dicom_tls_port() -> u16 {
+    2762
 }
 fn default_true() -> bool {
     true
@@ -338,6 +377,21 @@ impl Config {
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("KADE_INGEST_DUPLICATE_POLICY must be reject, keep-existing or replace, not {v:?}"))?;
         }
+        if let Some(v) = get("KADE_DICOM_PLAIN") {
+            self.dicom.plain = v
+                .parse()
+                .context("KADE_DICOM_PLAIN must be true or false")?;
+        }
+        if let Some(v) = get("KADE_DICOM_TLS_ENABLED") {
+            self.dicom.tls.enabled = v
+                .parse()
+                .context("KADE_DICOM_TLS_ENABLED must be true or false")?;
+        }
+        if let Some(v) = get("KADE_DICOM_TLS_PORT") {
+            self.dicom.tls.port = v
+                .parse()
+                .context("KADE_DICOM_TLS_PORT must be a port number")?;
+        }
         if let Some(v) = get("KADE_HTTP_ENABLED") {
             self.http.enabled = v
                 .parse()
@@ -383,6 +437,16 @@ impl Config {
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be text or json, not {:?}", self.log.format);
+        }
+        if !self.dicom.plain && !self.dicom.tls.enabled {
+            bail!(
+                "dicom.plain = false needs dicom.tls.enabled = true, or no DICOM listener is left"
+            );
+        }
+        if self.dicom.tls.cert.is_some() != self.dicom.tls.key.is_some() {
+            bail!(
+                "dicom.tls.cert and dicom.tls.key go together: set both, or neither to use the HTTPS certificate"
+            );
         }
         if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
             bail!(

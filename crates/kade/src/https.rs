@@ -137,6 +137,54 @@ pub fn load(src: &CertSource) -> anyhow::Result<(Arc<ServerConfig>, String)> {
     Ok((Arc::new(cfg), fingerprint))
 }
 
+/// A TLS configuration for the DICOM TLS listener (PS3.15 B.12 / BCP 195: TLS 1.2 and 1.3):
+/// the certificate of `src`, and, when `client_ca` is given, a required client certificate
+/// issued by one of the CAs in that PEM bundle.
+///
+/// # Errors
+/// When the files cannot be read or hold no usable certificate, key or CA.
+pub fn dicom_config(
+    src: &CertSource,
+    client_ca: Option<&Path>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let (base, _) = load(src)?;
+    let Some(ca) = client_ca else {
+        let mut cfg = (*base).clone();
+        cfg.alpn_protocols.clear();
+        return Ok(Arc::new(cfg));
+    };
+    let pem = std::fs::read(ca)
+        .with_context(|| format!("cannot read dicom.tls.client_ca {}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots
+            .add(c.with_context(|| format!("{} is not a PEM certificate bundle", ca.display()))?)
+            .with_context(|| format!("{} holds an unusable CA certificate", ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no CA certificate", ca.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .context("client certificate verifier")?;
+    let cert_pem = std::fs::read(&src.cert)?;
+    let key_pem = std::fs::read(&src.key)?;
+    let certs: Vec<_> =
+        rustls_pemfile::certs(&mut cert_pem.as_slice()).collect::<Result<_, _>>()?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())?.context("no private key")?;
+    let cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("TLS versions")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .context("the key does not fit the certificate")?;
+    Ok(Arc::new(cfg))
+}
+
 /// SHA-256 of a DER certificate, as colon-separated upper-case hex.
 pub fn fingerprint(der: &[u8]) -> String {
     Sha256::digest(der)

@@ -29,6 +29,9 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(p) = args.http_port {
         cfg.http.port = p;
     }
+    if let Some(p) = args.dicom_tls_port {
+        cfg.dicom.tls.port = p;
+    }
     if let Some(ae) = args.ae_title {
         cfg.dicom.ae_title = AeTitle::new(&ae).context("--ae-title")?;
     }
@@ -55,23 +58,62 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("http.enabled is false: no DICOMweb, no viewer");
         None
     };
-    let addr = format!("{}:{}", cfg.dicom.bind, cfg.dicom.port);
-    let listener = TcpListener::bind(&addr).await.with_context(|| {
-        format!("cannot listen on {addr}: is another program using the port? Choose one with --port or dicom.port")
-    })?;
-    let local = listener.local_addr()?;
+    let plain = if cfg.dicom.plain {
+        let addr = format!("{}:{}", cfg.dicom.bind, cfg.dicom.port);
+        let listener = TcpListener::bind(&addr).await.with_context(|| {
+            format!("cannot listen on {addr}: is another program using the port? Choose one with --port or dicom.port")
+        })?;
+        Some(listener)
+    } else {
+        None
+    };
+    let secure = if cfg.dicom.tls.enabled {
+        let t = &cfg.dicom.tls;
+        let src = match (&t.cert, &t.key) {
+            (Some(cert), Some(key)) => https::CertSource {
+                cert: cert.clone(),
+                key: key.clone(),
+                generated: false,
+            },
+            _ => https::cert_source(&cfg.http, &cfg.data_dir)?,
+        };
+        let tls = https::dicom_config(&src, t.client_ca.as_deref())?;
+        let addr = format!("{}:{}", cfg.dicom.bind, t.port);
+        let listener = TcpListener::bind(&addr).await.with_context(|| {
+            format!("cannot listen on {addr} for DICOM TLS: is another program using the port? Choose one with --dicom-tls-port or dicom.tls.port")
+        })?;
+        Some((listener, tokio_rustls::TlsAcceptor::from(tls)))
+    } else {
+        None
+    };
     tracing::info!(
         data_dir = %cfg.data_dir.display(),
         index = %redact(&cfg.index_url()),
         storage = %node.store.describe(),
         "Kade {} started", env!("CARGO_PKG_VERSION")
     );
-    // A stable line on stdout that scripts and tests can wait for.
-    println!(
-        "kade: DICOM listening on {local} (AE {})",
-        cfg.dicom.ae_title
-    );
-    std::io::stdout().flush()?;
+    // Stable lines on stdout that scripts and tests can wait for; "kade: ready" comes last.
+    {
+        let mut out = std::io::stdout().lock();
+        if let Some((l, _)) = &secure {
+            writeln!(
+                out,
+                "kade: DICOM TLS listening on {} (AE {})",
+                l.local_addr()?,
+                cfg.dicom.ae_title
+            )?;
+        }
+        if let Some(l) = &plain {
+            writeln!(
+                out,
+                "kade: DICOM listening on {} (AE {})",
+                l.local_addr()?,
+                cfg.dicom.ae_title
+            )?;
+        }
+        writeln!(out, "kade: ready")?;
+        out.flush()?;
+    }
 
     let d = &cfg.dicom;
     let mut opts = ServerOptions::new(d.ae_title.clone());
@@ -80,7 +122,14 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     opts.establish_timeout = Duration::from_secs(d.establish_timeout_secs);
     opts.read_timeout = Duration::from_secs(d.read_timeout_secs);
     let peers = PeerDirectory::new(d.peers.clone(), Some(node.index.clone()));
-    let server = DimseServer::new(opts, node.ingest.clone(), peers, node.audit.clone());
+    let server = || {
+        DimseServer::new(
+            opts.clone(),
+            node.ingest.clone(),
+            peers.clone(),
+            node.audit.clone(),
+        )
+    };
 
     // One shutdown signal, fanned out to both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -94,7 +143,15 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     let web = web.map(|(listener, tls, app)| {
         tokio::spawn(https::serve(listener, tls, app, stopped(stop_rx.clone())))
     });
-    server.run(listener, stopped(stop_rx)).await?;
+    let tls_task = secure.map(|(listener, acceptor)| {
+        tokio::spawn(server().run_tls(listener, acceptor, stopped(stop_rx.clone())))
+    });
+    if let Some(listener) = plain {
+        server().run(listener, stopped(stop_rx.clone())).await?;
+    }
+    if let Some(t) = tls_task {
+        let _ = t.await;
+    }
     if let Some(w) = web {
         let _ = w.await;
     }

@@ -102,6 +102,8 @@ pub struct Node {
     pub port: u16,
     /// HTTPS port.
     pub http_port: u16,
+    /// DICOM TLS port (0 when not enabled).
+    pub tls_port: u16,
     /// The admin token printed on first start.
     pub admin_token: String,
     pub index_url: String,
@@ -191,6 +193,7 @@ impl Node {
             config,
             port: 0,
             http_port: 0,
+            tls_port: 0,
             admin_token: String::new(),
             index_url,
             child: None,
@@ -224,21 +227,26 @@ impl Node {
                 let addr = rest.split_whitespace().next().unwrap_or_default();
                 addr.rsplit(':').next().unwrap().parse().unwrap()
             };
-            let (mut http, mut token) = (0, None);
+            let (mut http, mut token, mut dicom, mut tls) = (0, None, 0, 0);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(rest) = line.strip_prefix("kade: HTTPS listening on ") {
                     http = port(rest);
                 } else if let Some(rest) = line.strip_prefix("kade: admin token ") {
                     token = Some(rest.trim().to_owned());
+                } else if let Some(rest) = line.strip_prefix("kade: DICOM TLS listening on ") {
+                    tls = port(rest);
                 } else if let Some(rest) = line.strip_prefix("kade: DICOM listening on ") {
-                    let _ = tx.send((port(rest), http, token.take()));
+                    dicom = port(rest);
+                } else if line == "kade: ready" {
+                    let _ = tx.send((dicom, http, token.take(), tls));
                 }
             }
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok((dicom, http, token)) => {
+            Ok((dicom, http, token, tls)) => {
                 self.port = dicom;
                 self.http_port = http;
+                self.tls_port = tls;
                 if let Some(t) = token {
                     self.admin_token = t;
                 }
