@@ -259,7 +259,9 @@ impl Index {
             };
             if let Some(c) = cond {
                 let c = if *key == StudyKey::ModalitiesInStudy {
-                    format!("EXISTS (SELECT 1 FROM series se WHERE se.study_fk = st.id AND {c})")
+                    // Uncorrelated, so it runs once through the modality index; a correlated
+                    // EXISTS made SQLite scan every matching series for every study.
+                    format!("st.id IN (SELECT se.study_fk FROM series se WHERE {c})")
                 } else {
                     c
                 };
