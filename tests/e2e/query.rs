@@ -647,3 +647,70 @@ fn corpus_study_of(path: &std::path::Path) -> String {
         .trim_end_matches('\0')
         .to_owned()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_find_at_patient_level_in_the_patient_root_model() {
+    let (Some(findscu), Some(storescu)) = (tools::dcmtk("findscu"), tools::dcmtk("storescu"))
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = r#gen::CtSpec::small(2, 2); // Müller^Jürgen: 1 study, 2 series, 4 instances
+    let mut files = r#gen::ct_study(dir.path(), &spec);
+    files.push(testdata_dir().join("pydicom/CT_small.dcm"));
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let o = node.dcmtk(&storescu, "STORESCU", &[], &files);
+        assert!(o.status.success(), "{}", tools::text(&o));
+        let run = |model: &str, name: &str| {
+            let out = tempfile::tempdir().unwrap();
+            let args = [
+                "-v",
+                model,
+                "-X",
+                "-od",
+                out.path().to_str().unwrap(),
+                "-k",
+                "QueryRetrieveLevel=PATIENT",
+                "-k",
+                name,
+                "-k",
+                "PatientID",
+                "-k",
+                "NumberOfPatientRelatedStudies",
+                "-k",
+                "NumberOfPatientRelatedSeries",
+                "-k",
+                "NumberOfPatientRelatedInstances",
+            ];
+            let o = node.dcmtk(&findscu, "FINDSCU", &args, &[]);
+            let found: Vec<_> = crate::common::list_files(out.path())
+                .iter()
+                .map(|f| dicom_object::open_file(f).unwrap())
+                .collect();
+            (tools::text(&o), found)
+        };
+        let (out, found) = run("-P", "PatientName=m?ller*");
+        assert!(
+            out.contains("Received Final Find Response (Success)"),
+            "[{}] {out}",
+            b.name
+        );
+        assert_eq!(found.len(), 1, "[{}] {out}", b.name);
+        let p = &found[0];
+        assert_eq!(text(p, tags::PATIENT_ID), spec.patient_id);
+        assert_eq!(text(p, tags::PATIENT_NAME), "Müller^Jürgen");
+        assert_eq!(text(p, tags::NUMBER_OF_PATIENT_RELATED_STUDIES), "1");
+        assert_eq!(text(p, tags::NUMBER_OF_PATIENT_RELATED_SERIES), "2");
+        assert_eq!(text(p, tags::NUMBER_OF_PATIENT_RELATED_INSTANCES), "4");
+        let (_, all) = run("-P", "PatientName");
+        assert_eq!(all.len(), 2, "[{}] every patient", b.name);
+        // The Study Root model has no PATIENT level.
+        let (out, found) = run("-S", "PatientName=m?ller*");
+        assert!(
+            found.is_empty() && !out.contains("Final Find Response (Success)"),
+            "[{}] {out}",
+            b.name
+        );
+    }
+}

@@ -134,12 +134,19 @@ pub async fn run(
     let level = text(&req, tags::QUERY_RETRIEVE_LEVEL).unwrap_or_default();
     let mut keys = vec![format!("level={level}")];
     let found = match level.as_str() {
+        "PATIENT" if sop_class == PATIENT_ROOT_FIND => {
+            patient_level(index, &req, &mut keys, limits).await
+        }
+        "PATIENT" => Err((
+            Status::IdentifierDoesNotMatch,
+            "the Study Root model has no PATIENT level: use Patient Root".to_owned(),
+        )),
         "STUDY" => study_level(index, &req, &mut keys, limits).await,
         "SERIES" => series_level(index, &req, &mut keys, limits).await,
         "IMAGE" => image_level(index, &req, &mut keys, limits).await,
         _ => Err((
             Status::UnableToProcess,
-            "query level not served (STUDY, SERIES, IMAGE are)".to_owned(),
+            "unknown query level (PATIENT, STUDY, SERIES and IMAGE are served)".to_owned(),
         )),
     };
     let keys = keys.join(" ");
@@ -209,6 +216,73 @@ fn matching<K: Copy + std::fmt::Debug>(
 fn db_failure<E: std::fmt::Display>(e: E) -> (Status, String) {
     tracing::error!(error = %e, "C-FIND query failed");
     (Status::UnableToProcess, "index query failed".to_owned())
+}
+
+async fn patient_level(
+    index: &Index,
+    req: &InMemDicomObject,
+    keys: &mut Vec<String>,
+    limits: Limits,
+) -> Found {
+    use kade_index::query::{LevelQuery, PatientKey};
+    let matches = matching(
+        req,
+        &[
+            (tags::PATIENT_NAME, PatientKey::PatientName),
+            (tags::PATIENT_ID, PatientKey::PatientId),
+            (tags::ISSUER_OF_PATIENT_ID, PatientKey::IssuerOfPatientId),
+            (tags::PATIENT_BIRTH_DATE, PatientKey::PatientBirthDate),
+            (tags::PATIENT_SEX, PatientKey::PatientSex),
+        ],
+        keys,
+    );
+    let narrow = matches.iter().any(|(k, v)| {
+        matches!(k, PatientKey::PatientId | PatientKey::PatientBirthDate)
+            || (*k == PatientKey::PatientName && !v.trim_start().starts_with(['*', '?']))
+    });
+    if limits.narrow_queries && !narrow {
+        return Err((
+            Status::UnableToProcess,
+            "query too broad: name a patient, a study or a date range".to_owned(),
+        ));
+    }
+    let rows = index
+        .find_patients(&LevelQuery {
+            matches,
+            limit: Some(i64::from(limits.max_matches) + 1),
+            offset: 0,
+        })
+        .await
+        .map_err(db_failure)?
+        .map_err(|e| (Status::IdentifierDoesNotMatch, e.to_string()))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let mut v = vec![
+                (tags::PATIENT_ID, r.patient_id.clone()),
+                (tags::ISSUER_OF_PATIENT_ID, r.issuer.clone()),
+                (
+                    tags::NUMBER_OF_PATIENT_RELATED_STUDIES,
+                    r.num_studies.to_string(),
+                ),
+                (
+                    tags::NUMBER_OF_PATIENT_RELATED_SERIES,
+                    r.num_series.to_string(),
+                ),
+                (
+                    tags::NUMBER_OF_PATIENT_RELATED_INSTANCES,
+                    r.num_instances.to_string(),
+                ),
+            ];
+            let opt = [
+                (tags::PATIENT_NAME, &r.name),
+                (tags::PATIENT_BIRTH_DATE, &r.birth_date),
+                (tags::PATIENT_SEX, &r.sex),
+            ];
+            v.extend(opt.into_iter().filter_map(|(t, x)| Some((t, x.clone()?))));
+            v
+        })
+        .collect())
 }
 
 async fn study_level(

@@ -311,6 +311,42 @@ impl Index {
     }
 }
 
+/// Patient-level matching keys (PS3.4 C.6.1.1.2, Patient Root).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatientKey {
+    /// PatientName (0010,0010).
+    PatientName,
+    /// PatientID (0010,0020).
+    PatientId,
+    /// IssuerOfPatientID (0010,0021).
+    IssuerOfPatientId,
+    /// PatientBirthDate (0010,0030).
+    PatientBirthDate,
+    /// PatientSex (0010,0040).
+    PatientSex,
+}
+
+/// A matching patient, with the counts C-FIND returns at PATIENT level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatientRow {
+    /// Patient ID.
+    pub patient_id: String,
+    /// Issuer of Patient ID.
+    pub issuer: String,
+    /// Patient's Name.
+    pub name: Option<String>,
+    /// Patient's Birth Date.
+    pub birth_date: Option<String>,
+    /// Patient's Sex.
+    pub sex: Option<String>,
+    /// Number of Patient Related Studies.
+    pub num_studies: i64,
+    /// Number of Patient Related Series.
+    pub num_series: i64,
+    /// Number of Patient Related Instances.
+    pub num_instances: i64,
+}
+
 /// Series-level matching keys (PS3.4 C.6.1.1.4), with the unique keys of the levels above.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeriesKey {
@@ -427,6 +463,55 @@ fn finish_sql(mut text: String, sql: &Sql, order: &str, limit: Option<i64>, offs
 }
 
 impl Index {
+    /// Patients matching `q`, ordered by Patient ID.
+    ///
+    /// # Errors
+    /// [`QueryError`] (wrapped in `Ok(Err)`) for unusable values; database errors otherwise.
+    pub async fn find_patients(
+        &self,
+        q: &LevelQuery<PatientKey>,
+    ) -> Result<Result<Vec<PatientRow>, QueryError>, IndexError> {
+        let sql = match conditions(&q.matches, |k| match k {
+            PatientKey::PatientName => ("p.name_search", Kind::PersonName),
+            PatientKey::PatientId => ("p.patient_id", Kind::Text),
+            PatientKey::IssuerOfPatientId => ("p.issuer", Kind::Text),
+            PatientKey::PatientBirthDate => ("p.birth_date", Kind::Date),
+            PatientKey::PatientSex => ("p.sex", Kind::Text),
+        }) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let text = finish_sql(
+            "SELECT p.patient_id, p.issuer, p.name, p.birth_date, p.sex, \
+             (SELECT COUNT(*) FROM studies st WHERE st.patient_fk = p.id), \
+             (SELECT COALESCE(SUM(st.num_series), 0) FROM studies st WHERE st.patient_fk = p.id), \
+             (SELECT COALESCE(SUM(st.num_instances), 0) FROM studies st WHERE st.patient_fk = p.id) \
+             FROM patients p"
+                .into(),
+            &sql,
+            "p.patient_id, p.issuer",
+            q.limit,
+            q.offset,
+        );
+        let rows = self.fetch(&text, &sql).await?;
+        let out = rows
+            .iter()
+            .map(|r| {
+                Ok(PatientRow {
+                    patient_id: r.try_get(0)?,
+                    issuer: r.try_get(1)?,
+                    name: r.try_get(2)?,
+                    birth_date: r.try_get(3)?,
+                    sex: r.try_get(4)?,
+                    num_studies: r.try_get(5)?,
+                    num_series: r.try_get(6)?,
+                    num_instances: r.try_get(7)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Ok(out))
+    }
+
     /// Series matching `q`, ordered by Series Number, then Series Instance UID.
     ///
     /// # Errors
