@@ -481,11 +481,14 @@ impl Index {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
+        // SUM of BIGINT is NUMERIC on PostgreSQL: cast back so both backends decode an i64.
         let text = finish_sql(
             "SELECT p.patient_id, p.issuer, p.name, p.birth_date, p.sex, \
              (SELECT COUNT(*) FROM studies st WHERE st.patient_fk = p.id), \
-             (SELECT COALESCE(SUM(st.num_series), 0) FROM studies st WHERE st.patient_fk = p.id), \
-             (SELECT COALESCE(SUM(st.num_instances), 0) FROM studies st WHERE st.patient_fk = p.id) \
+             (SELECT CAST(COALESCE(SUM(st.num_series), 0) AS BIGINT) FROM studies st \
+              WHERE st.patient_fk = p.id), \
+             (SELECT CAST(COALESCE(SUM(st.num_instances), 0) AS BIGINT) FROM studies st \
+              WHERE st.patient_fk = p.id) \
              FROM patients p"
                 .into(),
             &sql,
