@@ -756,3 +756,121 @@ async fn a_stow_cut_off_midway_stores_nothing_and_leaves_no_spool() {
         assert!(fsck.status.success(), "[{}] {}", b.name, tools::text(&fsck));
     }
 }
+
+/// SHA-256 of the certificate the HTTPS listener on `port` presents.
+fn served_fingerprint(port: u16) -> String {
+    let code = format!(
+        "import socket, ssl, hashlib\n\
+         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
+         ctx.check_hostname = False\n\
+         ctx.verify_mode = ssl.CERT_NONE\n\
+         with socket.create_connection(('127.0.0.1', {port})) as s:\n\
+         \x20   with ctx.wrap_socket(s) as t:\n\
+         \x20       print(hashlib.sha256(t.getpeercert(binary_form=True)).hexdigest())\n"
+    );
+    let o = Command::new("python3")
+        .args(["-c", &code])
+        .output()
+        .unwrap();
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn configured_certificates_are_reloaded_on_sighup_and_cors_answers_allowed_origins() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let make = |cn: &str| {
+        let o = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "2", "-subj", &format!("/CN={cn}")])
+            .arg("-addext")
+            .arg("subjectAltName=IP:127.0.0.1")
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", tools::text(&o));
+        let f = Command::new("openssl")
+            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+            .arg(&cert)
+            .output()
+            .unwrap();
+        kade_core::peer::normalize_fingerprint(
+            String::from_utf8(f.stdout)
+                .unwrap()
+                .rsplit('=')
+                .next()
+                .unwrap(),
+        )
+    };
+    let first = make("first");
+    let node = Node::start_with_http(
+        &backends()[0],
+        &format!(
+            "tls_cert = {cert:?}\ntls_key = {key:?}\ncors_origins = [\"https://viewer.test\"]\n"
+        ),
+    )
+    .await;
+    assert_eq!(served_fingerprint(node.http_port), first);
+    let second = make("second");
+    assert_ne!(first, second);
+    Command::new("kill")
+        .args(["-HUP", &node.pid().to_string()])
+        .status()
+        .unwrap();
+    let mut now = String::new();
+    for _ in 0..50 {
+        now = served_fingerprint(node.http_port);
+        if now == second {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        now, second,
+        "the new certificate is not served after SIGHUP"
+    );
+
+    // CORS: an allowed origin gets the header, another does not; a preflight needs no token.
+    // (openssl's self-signed certificate is a CA, which rustls will not take as a server's
+    // own; trust is not what this part tests.)
+    let c = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let url = format!("{}/dicom-web/studies", node.https());
+    for (origin, allowed) in [("https://viewer.test", true), ("https://evil.test", false)] {
+        let r = c
+            .get(&url)
+            .bearer_auth(&node.admin_token)
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let h = r
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(h.as_deref(), allowed.then_some(origin), "{origin}");
+    }
+    let pre = c
+        .request(reqwest::Method::OPTIONS, &url)
+        .header("origin", "https://viewer.test")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), 204);
+    assert!(pre.headers().contains_key("access-control-allow-origin"));
+    assert!(pre.text().await.unwrap().is_empty());
+}

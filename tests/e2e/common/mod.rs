@@ -143,6 +143,11 @@ impl Node {
         Self::build(backend, "", extra).await
     }
 
+    /// Starts a node with extra keys in its `[http]` table.
+    pub async fn start_with_http(backend: &Backend, http: &str) -> Node {
+        Self::build_full(backend, "", "", None, http).await
+    }
+
     /// Starts a node whose data directory is `data` (e.g. a small filesystem).
     pub async fn start_in(backend: &Backend, data: &Path) -> Node {
         Self::build_at(backend, "", "", Some(data)).await
@@ -153,6 +158,16 @@ impl Node {
     }
 
     async fn build_at(backend: &Backend, dicom: &str, extra: &str, data: Option<&Path>) -> Node {
+        Self::build_full(backend, dicom, extra, data, "").await
+    }
+
+    async fn build_full(
+        backend: &Backend,
+        dicom: &str,
+        extra: &str,
+        data: Option<&Path>,
+        http: &str,
+    ) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("kade-e2e-")
             .tempdir()
@@ -161,7 +176,7 @@ impl Node {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.path().join("data"));
         let mut toml = format!(
-            "data_dir = {data:?}\n[http]\nbind = \"127.0.0.1\"\nport = 0\n[dicom]\nae_title = \"KADE\"\nbind = \"127.0.0.1\"\nport = 0\nread_timeout_secs = 20\n{dicom}{PEERS}\n"
+            "data_dir = {data:?}\n[http]\nbind = \"127.0.0.1\"\nport = 0\n{http}[dicom]\nae_title = \"KADE\"\nbind = \"127.0.0.1\"\nport = 0\nread_timeout_secs = 20\n{dicom}{PEERS}\n"
         );
         let index_url = match &backend.pg_base {
             Some(base) => {
