@@ -26,6 +26,17 @@ async fn every_command_has_help_with_examples() {
         vec!["fsck"],
         vec!["audit", "verify"],
         vec!["audit", "tail"],
+        vec!["exchange", "init"],
+        vec!["exchange", "join"],
+        vec!["exchange", "send"],
+        vec!["exchange", "receive"],
+        vec!["exchange", "inbox"],
+        vec!["exchange", "reconcile"],
+        vec!["exchange", "status"],
+        vec!["exchange", "recall"],
+        vec!["mailbox", "init"],
+        vec!["mailbox", "enroll"],
+        vec!["mailbox", "serve"],
     ] {
         let mut args = cmd.clone();
         args.push("--help");

@@ -10,6 +10,7 @@ mod corpus;
 mod crash;
 mod dicom_tls;
 mod dicomweb;
+mod exchange;
 mod pynetdicom;
 mod query;
 mod robustness;

@@ -50,6 +50,14 @@ pub enum EventKind {
     AuthenticationFailed,
     /// An authenticated caller asked for something its role does not allow (Security Alert).
     AccessDenied,
+    /// A study was packaged and sent to another organisation (exchange: export).
+    ExchangeExport,
+    /// A mailbox transfer step: bundle created, sealed, fetched, recalled, receipt relayed.
+    ExchangeTransfer,
+    /// A received bundle was imported (or queued for reconciliation).
+    ExchangeImport,
+    /// A bundle or mailbox request was refused (bad signature, tampering, replay, expiry…).
+    ExchangeRefused,
 }
 
 impl EventKind {
@@ -68,6 +76,10 @@ impl EventKind {
             EventKind::Commitment => "storage-commitment",
             EventKind::AuthenticationFailed => "authentication-failed",
             EventKind::AccessDenied => "access-denied",
+            EventKind::ExchangeExport => "exchange-export",
+            EventKind::ExchangeTransfer => "exchange-transfer",
+            EventKind::ExchangeImport => "exchange-import",
+            EventKind::ExchangeRefused => "exchange-refused",
         }
     }
 }

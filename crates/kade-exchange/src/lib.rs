@@ -1,5 +1,5 @@
-//! The node side of Kade's hospital-to-hospital exchange. For now: the cryptographic core, a
-//! pure library with no network and no database.
+//! Kade's hospital-to-hospital exchange: the bundle format (a pure library), the node side
+//! (send, receive, reconcile, receipts) and the mailbox service.
 //!
 //! Hospital A's node seals a study for hospital B into a *bundle*: an encrypted, signed
 //! manifest (patient, reason for referral, instance list with SHA-256) and a payload cut into
@@ -12,6 +12,8 @@
 //! # Layout
 //! - [`bundle`]: keys, peer directory, manifest, sealing, opening, chunks and receipts; its
 //!   module docs define every byte layout that is signed or authenticated.
+//! - [`node`]: a node's sending, receiving, reconciliation and status, over the mailbox API.
+//! - [`mailbox`]: the mailbox service (`kade mailbox serve`): ciphertext and routing data only.
 //! - [`ExchangeError`]: the one error type, each variant naming what failed.
 //!
 //! # Primitives
@@ -24,6 +26,8 @@
 
 pub mod bundle;
 mod error;
+pub mod mailbox;
+pub mod node;
 
 pub use error::ExchangeError;
 

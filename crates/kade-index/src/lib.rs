@@ -83,6 +83,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "peer tls",
         include_str!("../../../migrations/sqlite/0004_peer_tls.sql"),
     ),
+    (
+        5,
+        "exchange",
+        include_str!("../../../migrations/sqlite/0005_exchange.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -104,6 +109,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "peer tls",
         include_str!("../../../migrations/postgres/0004_peer_tls.sql"),
+    ),
+    (
+        5,
+        "exchange",
+        include_str!("../../../migrations/postgres/0005_exchange.sql"),
     ),
 ];
 

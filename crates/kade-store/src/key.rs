@@ -26,6 +26,21 @@ impl BlobKey {
         BlobKey(format!("dicom/{study}/{series}/{sop}.{digest}.dcm"))
     }
 
+    /// The key of one ciphertext chunk of an exchange bundle held by the mailbox:
+    /// `exchange/{bundle_id}/{index, 8 digits}.chunk`.
+    ///
+    /// # Panics
+    /// If `bundle_id` is not 32 lowercase hex digits (a programming error: callers parse it).
+    pub fn exchange_chunk(bundle_id: &str, index: u32) -> Self {
+        assert!(
+            bundle_id.len() == 32
+                && bundle_id
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        );
+        BlobKey(format!("exchange/{bundle_id}/{index:08}.chunk"))
+    }
+
     /// The key as a string.
     pub fn as_str(&self) -> &str {
         &self.0

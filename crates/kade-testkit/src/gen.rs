@@ -26,6 +26,13 @@ pub struct CtSpec {
     pub per_series: usize,
     /// Matrix size (rows = columns).
     pub size: u16,
+    /// Patient's Birth Date.
+    pub birth_date: String,
+    /// Issuer of Patient ID, if any.
+    pub issuer: Option<String>,
+    /// Other Patient IDs Sequence items: (Patient ID, Issuer of Patient ID), e.g. a BSN with
+    /// issuer `NLMINBIZA`.
+    pub other_patient_ids: Vec<(String, String)>,
 }
 
 impl CtSpec {
@@ -39,6 +46,9 @@ impl CtSpec {
             series,
             per_series,
             size: 64,
+            birth_date: "19700101".into(),
+            issuer: None,
+            other_patient_ids: Vec::new(),
         }
     }
 }
@@ -101,7 +111,14 @@ fn ct_instance(
         spec.patient_name.as_str().into(),
     );
     put(tags::PATIENT_ID, VR::LO, spec.patient_id.as_str().into());
-    put(tags::PATIENT_BIRTH_DATE, VR::DA, "19700101".into());
+    put(
+        tags::PATIENT_BIRTH_DATE,
+        VR::DA,
+        spec.birth_date.as_str().into(),
+    );
+    if let Some(issuer) = &spec.issuer {
+        put(tags::ISSUER_OF_PATIENT_ID, VR::LO, issuer.as_str().into());
+    }
     put(tags::PATIENT_SEX, VR::CS, "M".into());
     put(tags::BODY_PART_EXAMINED, VR::CS, "CHEST".into());
     put(
@@ -136,5 +153,26 @@ fn ct_instance(
         .map(|p| ((p * 7 + i * 13 + s * 31) % 4096) as u16)
         .collect();
     put(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels.into()));
+    if !spec.other_patient_ids.is_empty() {
+        let items: Vec<InMemDicomObject> = spec
+            .other_patient_ids
+            .iter()
+            .map(|(id, issuer)| {
+                let mut item = InMemDicomObject::new_empty();
+                item.put(DataElement::new(tags::PATIENT_ID, VR::LO, id.as_str()));
+                item.put(DataElement::new(
+                    tags::ISSUER_OF_PATIENT_ID,
+                    VR::LO,
+                    issuer.as_str(),
+                ));
+                item
+            })
+            .collect();
+        o.put(DataElement::new(
+            tags::OTHER_PATIENT_I_DS_SEQUENCE,
+            VR::SQ,
+            dicom_core::value::DataSetSequence::from(items),
+        ));
+    }
     o
 }

@@ -25,6 +25,7 @@ Examples:
   kade token create --user alice              an API token for her (shown once)
   kade stats --json                           archive totals as JSON
   kade verify                                 re-hash every stored blob
+  kade exchange send --study 1.2.3 --to 07654321 --reason \"Referral\"
   kade --config /etc/kade/kade.toml serve     use a configuration file";
 
 /// Options shared by every command.
@@ -89,6 +90,163 @@ pub enum Command {
     /// Install the OHIF viewer that Kade serves at /viewer/.
     #[command(subcommand)]
     Viewer(ViewerCommand),
+    /// Send studies to, and receive them from, other hospitals through an encrypted mailbox.
+    #[command(subcommand)]
+    Exchange(ExchangeCommand),
+    /// Run the exchange mailbox: a relay that holds only ciphertext between hospitals.
+    #[command(subcommand)]
+    Mailbox(MailboxCommand),
+}
+
+/// `kade exchange …`.
+#[derive(Debug, Subcommand)]
+pub enum ExchangeCommand {
+    /// Create this node's exchange identity (signing and encryption keys, TLS client key) and
+    /// the enrolment request for the mailbox operator.
+    #[command(
+        after_help = "Writes DATA_DIR/exchange/request.json (public keys and a certificate signing\nrequest; nothing secret). The mailbox operator answers it with kade mailbox enroll.\n\nExample:\n  kade exchange init --org 01234567 --name \"Hospital A\" --mailbox https://mailbox.example.org:9443"
+    )]
+    Init {
+        /// This organisation's id (URA number or OID): letters, digits, '.', '-', '_'.
+        #[arg(long, value_name = "ORG")]
+        org: String,
+        /// Display name in the directory.
+        #[arg(long)]
+        name: String,
+        /// The mailbox URL.
+        #[arg(long, value_name = "URL")]
+        mailbox: String,
+    },
+    /// Install the enrolment the mailbox operator made (client certificate, mailbox CA,
+    /// directory authority key).
+    #[command(after_help = "Example:\n  kade exchange join 01234567.enrolment.json")]
+    Join {
+        /// The file from kade mailbox enroll.
+        enrolment: PathBuf,
+    },
+    /// Package, encrypt, sign and upload a study for another organisation.
+    #[command(
+        after_help = "Shows a summary first; sends larger than exchange.confirm_above_bytes ask for\nconfirmation (or --yes). A dropped connection is resumed: only chunks the mailbox\ndoes not hold are sent again.\n\nExamples:\n  kade exchange send --study 1.2.840.113619.2.55.3 --to 07654321 --reason \"Second opinion, suspected PE\"\n  kade exchange send --study 1.2.3 --to 07654321 --reason \"Referral\" --for \"Dr. J. de Vries\" --yes"
+    )]
+    Send {
+        /// Study Instance UID.
+        #[arg(long, value_name = "UID")]
+        study: String,
+        /// Recipient organisation id.
+        #[arg(long, value_name = "ORG")]
+        to: String,
+        /// Reason for referral (travels encrypted in the manifest).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+        /// The clinician the study is meant for.
+        #[arg(long = "for", value_name = "CLINICIAN")]
+        for_clinician: Option<String>,
+        /// The responsible user, for both audit logs (default: cli:$USER).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// Do not ask for confirmation of a large send.
+        #[arg(long)]
+        yes: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Validity of the bundle at the mailbox, e.g. 7d, 12h (default exchange.bundle_lifetime_days).
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+    },
+    /// Fetch, verify, decrypt, reconcile and import what waits at the mailbox (kade serve does
+    /// this every exchange.poll_secs).
+    #[command(
+        after_help = "Exit status is 1 when a bundle was refused.\n\nExamples:\n  kade exchange receive\n  kade exchange receive --json"
+    )]
+    Receive {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List received bundles: imported, refused, and those waiting for reconciliation.
+    #[command(after_help = "Examples:\n  kade exchange inbox\n  kade exchange inbox --json")]
+    Inbox {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import a bundle waiting for reconciliation as a local patient chosen by a person.
+    #[command(
+        after_help = "Example:\n  kade exchange reconcile 3f9c0a7d12e4b8563f9c0a7d12e4b856 --patient MRN00123"
+    )]
+    Reconcile {
+        /// Bundle id (from kade exchange inbox).
+        bundle: String,
+        /// The local Patient ID to import as.
+        #[arg(long, value_name = "LOCALID")]
+        patient: String,
+        /// The local Issuer of Patient ID, when the Patient ID is not unique.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// The responsible user (default: cli:$USER).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
+    /// Show each sent bundle: uploading, sealed, delivered, imported, failed, expired, recalled.
+    #[command(after_help = "Examples:\n  kade exchange status\n  kade exchange status --json")]
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recall a sent bundle the recipient has not fetched yet; the mailbox deletes it.
+    #[command(after_help = "Example:\n  kade exchange recall 3f9c0a7d12e4b8563f9c0a7d12e4b856")]
+    Recall {
+        /// Bundle id.
+        bundle: String,
+        /// The responsible user (default: cli:$USER).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
+}
+
+/// `kade mailbox …`.
+#[derive(Debug, Subcommand)]
+pub enum MailboxCommand {
+    /// Create the mailbox's CA, server certificate and directory authority key in
+    /// DATA_DIR/mailbox.
+    #[command(
+        after_help = "Examples:\n  kade --data-dir /srv/mailbox mailbox init\n  kade --data-dir /srv/mailbox mailbox init --name mailbox.example.org"
+    )]
+    Init {
+        /// Extra host names or addresses for the server certificate (besides localhost,
+        /// 127.0.0.1, ::1 and this machine's host name).
+        #[arg(long = "name", value_name = "HOST")]
+        names: Vec<String>,
+    },
+    /// Enrol a hospital: sign its directory entry and issue its client certificate.
+    #[command(
+        after_help = "Example:\n  kade --data-dir /srv/mailbox mailbox enroll --request request.json --out 01234567.enrolment.json"
+    )]
+    Enroll {
+        /// The request.json that kade exchange init wrote.
+        #[arg(long, value_name = "FILE")]
+        request: PathBuf,
+        /// Where to write the enrolment for the hospital.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Validity of the certificate and directory entry in days.
+        #[arg(long, default_value_t = 365, value_name = "DAYS")]
+        valid_days: u64,
+    },
+    /// Serve the mailbox (HTTPS, client certificates required) until SIGINT or SIGTERM.
+    #[command(
+        after_help = "Examples:\n  kade --data-dir /srv/mailbox mailbox serve\n  kade --data-dir /srv/mailbox mailbox serve --port 9443"
+    )]
+    Serve {
+        /// TCP port (overrides mailbox.port; 0 picks a free port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Listen address (overrides mailbox.bind).
+        #[arg(long)]
+        bind: Option<String>,
+    },
 }
 
 /// `kade viewer …`.

@@ -40,6 +40,98 @@ pub struct Config {
     /// Authentication of web requests.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// This node's side of the hospital exchange (`kade exchange …`).
+    #[serde(default)]
+    pub exchange: ExchangeConfig,
+    /// The exchange mailbox service (`kade mailbox serve`).
+    #[serde(default)]
+    pub mailbox: MailboxConfig,
+}
+
+/// `[exchange]`: sending and receiving studies through a mailbox. The identity, the mailbox
+/// URL and the certificates live in `DATA_DIR/exchange/` (`kade exchange init` / `join`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeConfig {
+    /// Seconds between two looks at the mailbox inbox while `kade serve` runs; 0 turns
+    /// automatic receiving off (`kade exchange receive` still works). Default 30.
+    /// Env `KADE_EXCHANGE_POLL_SECS`.
+    #[serde(default = "default_poll_secs")]
+    pub poll_secs: u64,
+    /// Plaintext bytes per encrypted chunk, 1 KiB to 64 MiB. Default 4 MiB.
+    #[serde(default = "default_chunk_bytes")]
+    pub chunk_bytes: u32,
+    /// Days a sent bundle stays at the mailbox when the recipient does not fetch it; it then
+    /// expires and its ciphertext is deleted. Default 30.
+    #[serde(default = "default_bundle_days")]
+    pub bundle_lifetime_days: u64,
+    /// Sends larger than this many bytes ask for confirmation (or `--yes`). Default 2 GB.
+    #[serde(default = "default_confirm_bytes")]
+    pub confirm_above_bytes: u64,
+}
+
+impl Default for ExchangeConfig {
+    fn default() -> Self {
+        ExchangeConfig {
+            poll_secs: default_poll_secs(),
+            chunk_bytes: default_chunk_bytes(),
+            bundle_lifetime_days: default_bundle_days(),
+            confirm_above_bytes: default_confirm_bytes(),
+        }
+    }
+}
+
+/// `[mailbox]`: the exchange relay. Its CA, certificates and directory live in
+/// `DATA_DIR/mailbox/` (`kade mailbox init`); its index and blob store are configured like a
+/// node's (`[index]`, `[storage]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailboxConfig {
+    /// Address to listen on. Default `0.0.0.0`. Env `KADE_MAILBOX_BIND`.
+    #[serde(default = "default_bind")]
+    pub bind: String,
+    /// TCP port (HTTPS with client certificates). Default 9443. Env `KADE_MAILBOX_PORT`.
+    #[serde(default = "default_mailbox_port")]
+    pub port: u16,
+    /// Days the ciphertext of an acknowledged bundle is kept after its receipt. Default 7.
+    #[serde(default = "default_ack_days")]
+    pub acknowledged_retention_days: u64,
+    /// Seconds between two retention sweeps (expiry, purge). Default 60.
+    #[serde(default = "default_sweep_secs")]
+    pub sweep_secs: u64,
+}
+
+impl Default for MailboxConfig {
+    fn default() -> Self {
+        MailboxConfig {
+            bind: default_bind(),
+            port: default_mailbox_port(),
+            acknowledged_retention_days: default_ack_days(),
+            sweep_secs: default_sweep_secs(),
+        }
+    }
+}
+
+fn default_poll_secs() -> u64 {
+    30
+}
+fn default_chunk_bytes() -> u32 {
+    4 * 1024 * 1024
+}
+fn default_bundle_days() -> u64 {
+    30
+}
+fn default_confirm_bytes() -> u64 {
+    2_000_000_000
+}
+fn default_mailbox_port() -> u16 {
+    9443
+}
+fn default_ack_days() -> u64 {
+    7
+}
+fn default_sweep_secs() -> u64 {
+    60
 }
 
 /// `[http]`: the HTTPS listener. There is no plain-HTTP listener.
@@ -321,6 +413,19 @@ impl Config {
         }
         if let Some(v) = get("KADE_DICOM_AE_TITLE") {
             self.dicom.ae_title = AeTitle::new(&v).context("KADE_DICOM_AE_TITLE")?;
+        }
+        if let Some(v) = get("KADE_EXCHANGE_POLL_SECS") {
+            self.exchange.poll_secs = v
+                .parse()
+                .context("KADE_EXCHANGE_POLL_SECS must be a number of seconds")?;
+        }
+        if let Some(v) = get("KADE_MAILBOX_BIND") {
+            self.mailbox.bind = v;
+        }
+        if let Some(v) = get("KADE_MAILBOX_PORT") {
+            self.mailbox.port = v
+                .parse()
+                .context("KADE_MAILBOX_PORT must be a port number")?;
         }
         if let Some(v) = get("KADE_DICOM_BIND") {
             self.dicom.bind = v;

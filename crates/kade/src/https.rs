@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kade_dicomweb::ClientAddr;
+use kade_exchange::mailbox::PeerCertificate;
 use rustls::ServerConfig;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -137,7 +138,8 @@ pub fn load(src: &CertSource) -> anyhow::Result<(Arc<ServerConfig>, String)> {
     Ok((Arc::new(cfg), fingerprint))
 }
 
-/// A TLS configuration for the DICOM TLS listener (PS3.15 B.12 / BCP 195: TLS 1.2 and 1.3):
+/// A TLS configuration for the DICOM TLS listener (PS3.15 B.12 / BCP 195: TLS 1.2 and 1.3)
+/// and the exchange mailbox:
 /// the certificate of `src`, and, when `client_ca` is given, a required client certificate
 /// issued by one of the CAs in that PEM bundle.
 ///
@@ -257,8 +259,17 @@ pub async fn serve(
                             return;
                         }
                     };
+                let client_cert = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| PeerCertificate(Arc::new(c.as_ref().to_vec())));
                 let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
                     req.extensions_mut().insert(ClientAddr(peer));
+                    if let Some(c) = &client_cert {
+                        req.extensions_mut().insert(c.clone());
+                    }
                     let req = req.map(axum::body::Body::new);
                     app.clone().oneshot(req)
                 });

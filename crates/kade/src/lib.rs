@@ -8,10 +8,12 @@
 //! - [`https`]: the TLS listener and its certificate (configured, or generated on first start).
 //! - [`viewer`]: `kade viewer install` and the OHIF viewer's files under `/viewer/`.
 //! - [`admin`]: `kade peer`, `stats`, `verify`, `fsck`, `audit`.
+//! - [`exchange`]: `kade mailbox …` and `kade exchange …`, and the receiving poller.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod exchange;
 pub mod https;
 pub mod node;
 pub mod serve;
@@ -24,7 +26,13 @@ use tracing_subscriber::EnvFilter;
 /// Runs the command line; returns the process exit code.
 pub async fn main(cli: Cli) -> anyhow::Result<i32> {
     let cfg = config::Config::load(cli.global.config.as_deref(), cli.global.data_dir.as_deref())?;
-    init_logging(&cfg.log, matches!(cli.command, Command::Serve(_)));
+    init_logging(
+        &cfg.log,
+        matches!(
+            cli.command,
+            Command::Serve(_) | Command::Mailbox(cli::MailboxCommand::Serve { .. })
+        ),
+    );
     let clean = match cli.command {
         Command::Serve(args) => serve::run(cfg, args).await.map(|()| true)?,
         Command::Peer(cmd) => admin::peer(&cfg, cmd).await.map(|()| true)?,
@@ -34,6 +42,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Audit(cmd) => admin::audit(&cfg, cmd).await?,
         Command::User(cmd) => users::user(&cfg, cmd).await.map(|()| true)?,
         Command::Token(cmd) => users::token(&cfg, cmd).await.map(|()| true)?,
+        Command::Mailbox(cmd) => exchange::mailbox(&cfg, cmd).await.map(|()| true)?,
+        Command::Exchange(cmd) => exchange::exchange(&cfg, cmd).await?,
         Command::Viewer(cli::ViewerCommand::Install { ohif_version, from }) => {
             let dir = viewer::install(&cfg.data_dir, &ohif_version, from.as_deref())?;
             println!(

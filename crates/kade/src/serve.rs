@@ -52,6 +52,12 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
              kade peer add STORESCU --host 127.0.0.1 --allow echo,store"
         );
     }
+    if crate::exchange::spawn_poller(&cfg, &node)? {
+        tracing::info!(
+            every_secs = cfg.exchange.poll_secs,
+            "exchange: receiving bundles from the mailbox"
+        );
+    }
     let web = if cfg.http.enabled {
         Some(start_web(&cfg, &node).await?)
     } else {
@@ -229,7 +235,7 @@ async fn start_web(
 }
 
 /// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -161,7 +161,25 @@ impl Node {
         Self::build_full(backend, dicom, extra, data, "").await
     }
 
+    /// A node's directory and configuration (with `extra` appended), not started: run admin
+    /// commands first, then [`Node::spawn`] (or use the configuration for another command).
+    pub async fn prepare(backend: &Backend, extra: &str) -> Node {
+        Self::configure(backend, "", extra, None, "").await
+    }
+
     async fn build_full(
+        backend: &Backend,
+        dicom: &str,
+        extra: &str,
+        data: Option<&Path>,
+        http: &str,
+    ) -> Node {
+        let mut node = Self::configure(backend, dicom, extra, data, http).await;
+        node.spawn();
+        node
+    }
+
+    async fn configure(
         backend: &Backend,
         dicom: &str,
         extra: &str,
@@ -203,7 +221,7 @@ impl Node {
         toml.push_str(extra);
         let config = dir.path().join("kade.toml");
         std::fs::write(&config, toml).unwrap();
-        let mut node = Node {
+        Node {
             dir,
             config,
             port: 0,
@@ -213,9 +231,7 @@ impl Node {
             index_url,
             child: None,
             archive: Default::default(),
-        };
-        node.spawn();
-        node
+        }
     }
 
     /// Starts the server process and waits for its "listening" line.
@@ -385,6 +401,31 @@ impl Node {
     /// The stored blob of an instance, read through the node's own blob store.
     pub async fn blob(&self, key: &str) -> Vec<u8> {
         self.archive().await.store.get(key).await.unwrap().to_vec()
+    }
+
+    /// Replaces a mailbox chunk through the node's own blob store (to simulate tampering).
+    pub async fn put_chunk_blob(&self, bundle: &str, index: u32, bytes: Vec<u8>) {
+        let k = kade_store::BlobKey::exchange_chunk(bundle, index);
+        self.archive()
+            .await
+            .store
+            .put_bytes(&k, bytes.into())
+            .await
+            .unwrap();
+    }
+
+    /// Every blob in the node's store (key and bytes).
+    pub async fn all_blobs(&self) -> Vec<(String, Vec<u8>)> {
+        use futures::StreamExt;
+        let store = self.archive().await.store.clone();
+        let infos: Vec<_> = store.list("").collect().await;
+        let mut out = Vec::new();
+        for i in infos {
+            let key = i.unwrap().key;
+            let bytes = store.get(&key).await.unwrap().to_vec();
+            out.push((key, bytes));
+        }
+        out
     }
 
     /// Files left in the spool directory (incomplete transfers).

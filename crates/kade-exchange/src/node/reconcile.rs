@@ -1,0 +1,306 @@
+//! Patient reconciliation: which local patient a received bundle belongs to, and the
+//! coercion of its identifiers to the local ones.
+//!
+//! A match needs the national id (BSN with its issuer) to lead to exactly one local patient,
+//! and that patient's birth date and family name to agree with the manifest. The national id
+//! is found at the local patient as Patient ID with the BSN issuer, or in Other Patient IDs
+//! Sequence (0010,1002) of any of the patient's instances. Anything else (no national id, no
+//! or several candidates, a demographic mismatch) sends the bundle to the reconciliation
+//! queue; nothing is merged automatically.
+//!
+//! Known limit: the Other Patient IDs search reads instance metadata with a `LIKE` on the
+//! national id, a scan that grows with the archive.
+
+use std::collections::BTreeMap;
+
+use dicom_core::value::DataSetSequence;
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use sqlx::Row;
+
+use super::send::national_id;
+use crate::bundle::Patient;
+
+/// A local patient identity.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LocalPatient {
+    /// Patient ID (0010,0020).
+    pub patient_id: String,
+    /// Issuer of Patient ID (0010,0021); empty when none.
+    pub issuer: String,
+}
+
+/// The reconciliation decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Import as this local patient.
+    Match(LocalPatient),
+    /// Queue for a person to decide; the reason says why.
+    Queue(String),
+}
+
+/// The family name: the first component of a DICOM PN, compared case-insensitively.
+fn family(pn: &str) -> String {
+    pn.split('=')
+        .next()
+        .unwrap_or("")
+        .split('^')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_lowercase()
+}
+
+/// Decides which local patient the manifest's patient is.
+///
+/// # Errors
+/// Database errors.
+pub async fn decide(index: &kade_index::Index, p: &Patient) -> anyhow::Result<Decision> {
+    let Some(nid) = p.national_id.as_deref().filter(|s| !s.is_empty()) else {
+        return Ok(Decision::Queue(
+            "the bundle carries no national id (BSN)".into(),
+        ));
+    };
+    // candidate → (name, birth date)
+    let mut candidates: BTreeMap<(String, String), (Option<String>, Option<String>)> =
+        BTreeMap::new();
+    let direct = sqlx::query(
+        "SELECT patient_id, issuer, name, birth_date FROM patients \
+         WHERE patient_id = $1 AND issuer IN ('NLMINBIZA', $2)",
+    )
+    .bind(nid)
+    .bind(crate::bundle::BSN_ISSUER_OID)
+    .fetch_all(index.read_pool())
+    .await?;
+    for r in direct {
+        candidates.insert(
+            (r.try_get(0)?, r.try_get(1)?),
+            (r.try_get(2)?, r.try_get(3)?),
+        );
+    }
+    let via_other = sqlx::query(
+        "SELECT DISTINCT p.patient_id, p.issuer, p.name, p.birth_date, m.json \
+         FROM instance_metadata m JOIN instances i ON i.id = m.instance_fk \
+         JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = se.study_fk \
+         JOIN patients p ON p.id = st.patient_fk WHERE m.json LIKE $1",
+    )
+    .bind(format!("%\"{nid}\"%"))
+    .fetch_all(index.read_pool())
+    .await?;
+    for r in via_other {
+        let json: String = r.try_get(4)?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&json) else {
+            continue;
+        };
+        if national_id(&v).as_deref() == Some(nid) {
+            candidates.insert(
+                (r.try_get(0)?, r.try_get(1)?),
+                (r.try_get(2)?, r.try_get(3)?),
+            );
+        }
+    }
+    match candidates.len() {
+        0 => Ok(Decision::Queue(
+            "no local patient has this national id".into(),
+        )),
+        1 => {
+            let ((patient_id, issuer), (name, birth)) = candidates.into_iter().next().unwrap();
+            if birth.as_deref().unwrap_or("") != p.birth_date.as_deref().unwrap_or("")
+                || birth.is_none()
+            {
+                return Ok(Decision::Queue(format!(
+                    "the national id matches local patient {patient_id}, but the birth date differs"
+                )));
+            }
+            if family(name.as_deref().unwrap_or("")) != family(&p.name)
+                || family(&p.name).is_empty()
+            {
+                return Ok(Decision::Queue(format!(
+                    "the national id matches local patient {patient_id}, but the family name differs"
+                )));
+            }
+            Ok(Decision::Match(LocalPatient { patient_id, issuer }))
+        }
+        n => Ok(Decision::Queue(format!(
+            "{n} local patients have this national id"
+        ))),
+    }
+}
+
+/// The local patient named by `patient_id` (and `issuer`, when given), for a manual
+/// reconciliation.
+///
+/// # Errors
+/// Database errors.
+pub async fn local_patient(
+    index: &kade_index::Index,
+    patient_id: &str,
+    issuer: Option<&str>,
+) -> anyhow::Result<Vec<LocalPatient>> {
+    let rows = sqlx::query("SELECT patient_id, issuer FROM patients WHERE patient_id = $1")
+        .bind(patient_id)
+        .fetch_all(index.read_pool())
+        .await?;
+    let mut out = Vec::new();
+    for r in rows {
+        let lp = LocalPatient {
+            patient_id: r.try_get(0)?,
+            issuer: r.try_get(1)?,
+        };
+        if issuer.is_none_or(|i| i == lp.issuer) {
+            out.push(lp);
+        }
+    }
+    Ok(out)
+}
+
+/// Rewrites a received Part 10 object for the local archive: Patient ID and Issuer of
+/// Patient ID become the local ones, the sender's Accession Number is cleared (it belongs to
+/// the sender's RIS), and the replaced values are kept in an Original Attributes Sequence
+/// (0400,0561) item (PS3.3 C.12.1.1.9) with reason `COERCE`, the sending organisation as
+/// source and `Kade` as modifying system. Every other element, pixel data included, is
+/// written back unchanged; the result is the data set only (no File Meta group), in the
+/// original transfer syntax, plus that transfer syntax and the SOP Class/Instance UIDs.
+///
+/// # Errors
+/// When the object cannot be parsed or written.
+pub fn coerce(
+    part10: &[u8],
+    local: &LocalPatient,
+    sender_org: &str,
+    at: &str,
+) -> anyhow::Result<Coerced> {
+    let obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Always)
+        .from_reader(part10)
+        .map_err(|e| anyhow::anyhow!("not a DICOM Part 10 object: {e}"))?;
+    let ts = obj
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches('\0')
+        .to_owned();
+    let sop_class = obj
+        .meta()
+        .media_storage_sop_class_uid()
+        .trim_end_matches('\0')
+        .to_owned();
+    let sop_instance = obj
+        .meta()
+        .media_storage_sop_instance_uid()
+        .trim_end_matches('\0')
+        .to_owned();
+    let mut ds = obj.into_inner();
+    let mut originals = InMemDicomObject::new_empty();
+    for tag in [
+        tags::PATIENT_ID,
+        tags::ISSUER_OF_PATIENT_ID,
+        tags::ACCESSION_NUMBER,
+    ] {
+        if let Some(e) = ds.get(tag) {
+            originals.put(e.clone());
+        } else if tag == tags::PATIENT_ID {
+            originals.put(DataElement::new(tag, VR::LO, PrimitiveValue::Empty));
+        }
+    }
+    ds.put(DataElement::new(
+        tags::PATIENT_ID,
+        VR::LO,
+        PrimitiveValue::from(local.patient_id.as_str()),
+    ));
+    if local.issuer.is_empty() {
+        ds.remove_element(tags::ISSUER_OF_PATIENT_ID);
+    } else {
+        ds.put(DataElement::new(
+            tags::ISSUER_OF_PATIENT_ID,
+            VR::LO,
+            PrimitiveValue::from(local.issuer.as_str()),
+        ));
+    }
+    if ds.get(tags::ACCESSION_NUMBER).is_some() {
+        ds.put(DataElement::new(
+            tags::ACCESSION_NUMBER,
+            VR::SH,
+            PrimitiveValue::Empty,
+        ));
+    }
+    let mut item = InMemDicomObject::new_empty();
+    item.put(DataElement::new(
+        tags::MODIFIED_ATTRIBUTES_SEQUENCE,
+        VR::SQ,
+        DataSetSequence::from(vec![originals]),
+    ));
+    item.put(DataElement::new(
+        tags::ATTRIBUTE_MODIFICATION_DATE_TIME,
+        VR::DT,
+        PrimitiveValue::from(at),
+    ));
+    item.put(DataElement::new(
+        tags::MODIFYING_SYSTEM,
+        VR::LO,
+        PrimitiveValue::from("Kade"),
+    ));
+    item.put(DataElement::new(
+        tags::SOURCE_OF_PREVIOUS_VALUES,
+        VR::LO,
+        PrimitiveValue::from(sender_org),
+    ));
+    item.put(DataElement::new(
+        tags::REASON_FOR_THE_ATTRIBUTE_MODIFICATION,
+        VR::CS,
+        PrimitiveValue::from("COERCE"),
+    ));
+    // Keep earlier modification records.
+    let mut items: Vec<InMemDicomObject> = ds
+        .get(tags::ORIGINAL_ATTRIBUTES_SEQUENCE)
+        .and_then(|e| e.items())
+        .map(|i| i.to_vec())
+        .unwrap_or_default();
+    items.push(item);
+    ds.put(DataElement::new(
+        tags::ORIGINAL_ATTRIBUTES_SEQUENCE,
+        VR::SQ,
+        DataSetSequence::from(items),
+    ));
+    let registry = dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+    use dicom_encoding::TransferSyntaxIndex as _;
+    let syntax = registry
+        .get(&ts)
+        .ok_or_else(|| anyhow::anyhow!("unknown transfer syntax {ts}"))?;
+    let mut out = Vec::with_capacity(part10.len() + 512);
+    ds.write_dataset_with_ts(&mut out, syntax)
+        .map_err(|e| anyhow::anyhow!("cannot write the coerced data set: {e}"))?;
+    Ok(Coerced {
+        dataset: out,
+        transfer_syntax: ts,
+        sop_class_uid: sop_class,
+        sop_instance_uid: sop_instance,
+    })
+}
+
+/// A coerced instance, ready for ingest.
+#[derive(Debug)]
+pub struct Coerced {
+    /// The data set (no File Meta group).
+    pub dataset: Vec<u8>,
+    /// Its transfer syntax.
+    pub transfer_syntax: String,
+    /// SOP Class UID.
+    pub sop_class_uid: String,
+    /// SOP Instance UID.
+    pub sop_instance_uid: String,
+}
+
+/// Patient data of a manifest for display (`kade exchange inbox`).
+pub fn describe(p: &Patient) -> String {
+    format!(
+        "patient {} (national id {}), born {}",
+        p.id,
+        if p.national_id.is_some() {
+            "present"
+        } else {
+            "absent"
+        },
+        p.birth_date.as_deref().unwrap_or("?")
+    )
+}
