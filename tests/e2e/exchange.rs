@@ -483,6 +483,80 @@ async fn patients_are_reconciled_or_queued_never_merged() {
     })
     .await;
     assert_eq!(status_of(&a, &id2)["state"], "delivered");
+
+    // The same through A's HTTPS API: admins only, a summary first, then the send.
+    let s4 = spec("A-4", None, Some(BSN), "19700101");
+    store(&a, &s4);
+    let http = a.http_client();
+    let url = format!("{}/api/exchange/send", a.https());
+    let body = serde_json::json!({"study_uid": s4.study_uid, "to": "HOSPB", "reason": "Referral"});
+    let r = http.post(&url).body(body.to_string()).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    ok(&a, &["user", "add", "rita", "--role", "reader"]);
+    let reader = ok(&a, &["token", "create", "--user", "rita"])
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    let r = http
+        .post(&url)
+        .bearer_auth(&reader)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = http
+        .post(&url)
+        .bearer_auth(&a.admin_token)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let summary: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(summary["summary"]["instances"], 6, "{summary}");
+    assert_eq!(summary["summary"]["national_id_present"], true);
+    let mut confirmed = body.clone();
+    confirmed["confirm"] = serde_json::json!(true);
+    let r = http
+        .post(&url)
+        .bearer_auth(&a.admin_token)
+        .body(confirmed.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let sent: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    let id4 = sent["bundle_id"].as_str().unwrap().to_owned();
+    let out = json(&b, &["exchange", "receive", "--json"]);
+    assert_eq!(out[0]["bundle_id"], id4.as_str());
+    assert_eq!(out[0]["result"], "imported", "{out}");
+    let st: serde_json::Value = serde_json::from_str(
+        &http
+            .get(format!("{}/api/exchange/status", a.https()))
+            .bearer_auth(&a.admin_token)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let row = st
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["bundle_id"] == id4.as_str())
+        .unwrap();
+    assert_eq!(row["state"], "imported", "{st}");
+    let audit = ok(&a, &["audit", "tail", "-n", "50", "--json"]);
+    assert!(
+        audit.contains("user:admin"),
+        "the API send is audited with the user"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

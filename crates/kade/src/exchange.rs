@@ -701,3 +701,225 @@ pub fn spawn_poller(cfg: &Config, node: &Node) -> anyhow::Result<bool> {
     });
     Ok(true)
 }
+
+/// Body of `POST /api/exchange/send`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody {
+    study_uid: String,
+    to: String,
+    reason: String,
+    #[serde(default)]
+    for_clinician: Option<String>,
+    /// Without it the answer is the summary only; with it the study is sealed and sent.
+    #[serde(default)]
+    confirm: bool,
+}
+
+#[derive(Clone)]
+struct ApiState {
+    node: ExchangeNode,
+    auth: kade_auth::Auth,
+    chunk_bytes: u32,
+    lifetime_secs: u64,
+    confirm_above_bytes: u64,
+}
+
+fn api_json(status: axum::http::StatusCode, v: serde_json::Value) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+/// The exchange's HTTP API on the node's HTTPS listener, for admins (bearer token or OIDC):
+/// - `POST /api/exchange/send` `{"study_uid", "to", "reason", "for_clinician"?, "confirm"?}`:
+///   without `"confirm": true` it answers the summary (and whether the size needs
+///   confirmation); with it, it seals and uploads the study and answers the bundle id;
+/// - `GET /api/exchange/status`: the sent bundles (as `kade exchange status --json`);
+/// - `GET /api/exchange/inbox`: the received bundles (as `kade exchange inbox --json`).
+///
+/// Every request is authenticated; failures and refusals are audited.
+pub fn api_router(
+    cfg: &Config,
+    node: &Node,
+    auth: kade_auth::Auth,
+) -> anyhow::Result<Option<axum::Router>> {
+    if !node::dir(&cfg.data_dir).join("settings.json").exists() {
+        return Ok(None);
+    }
+    let x = ExchangeNode::open(
+        &cfg.data_dir,
+        node.index.clone(),
+        node.store.clone(),
+        node.ingest.clone(),
+        node.audit.clone(),
+    )?;
+    let state = ApiState {
+        node: x,
+        auth,
+        chunk_bytes: cfg.exchange.chunk_bytes,
+        lifetime_secs: cfg.exchange.bundle_lifetime_days * 86400,
+        confirm_above_bytes: cfg.exchange.confirm_above_bytes,
+    };
+    Ok(Some(
+        axum::Router::new()
+            .route("/send", axum::routing::post(api_send))
+            .route("/status", axum::routing::get(api_status))
+            .route("/inbox", axum::routing::get(api_inbox))
+            .with_state(state),
+    ))
+}
+
+/// Authenticates an admin; the error is the response to send.
+async fn api_admin(
+    st: &ApiState,
+    headers: &axum::http::HeaderMap,
+    ext: &axum::http::Extensions,
+    what: &str,
+) -> Result<kade_auth::Principal, axum::response::Response> {
+    use axum::http::StatusCode;
+    use kade_audit::{AuditEvent, EventKind, Outcome};
+    let ip = ext
+        .get::<kade_dicomweb::ClientAddr>()
+        .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), |c| {
+            c.0.ip()
+        });
+    let authz = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    match st.auth.authenticate(authz.as_deref(), ip).await {
+        Ok(p) if p.may(kade_auth::Action::Admin) && p.study.is_none() => Ok(p),
+        Ok(p) => {
+            let ev = AuditEvent::new(
+                EventKind::AccessDenied,
+                Outcome::MinorFailure,
+                format!("user:{}", p.name),
+            )
+            .address(ip.to_string())
+            .detail(format!("exchange API {what}: needs the admin role"));
+            let _ = st.node.audit.record(&ev).await;
+            Err(api_json(
+                StatusCode::FORBIDDEN,
+                serde_json::json!({"error": "the exchange API needs the admin role"}),
+            ))
+        }
+        Err(d) => {
+            let ev = AuditEvent::new(
+                EventKind::AuthenticationFailed,
+                Outcome::MinorFailure,
+                "anonymous",
+            )
+            .address(ip.to_string())
+            .detail(format!("exchange API {what}: {}", d.as_str()));
+            let _ = st.node.audit.record(&ev).await;
+            Err(api_json(
+                StatusCode::UNAUTHORIZED,
+                serde_json::json!({"error": format!("authentication required: {}", d.as_str())}),
+            ))
+        }
+    }
+}
+
+async fn api_send(
+    axum::extract::State(st): axum::extract::State<ApiState>,
+    headers: axum::http::HeaderMap,
+    ext: axum::http::Extensions,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::http::StatusCode;
+    let p = match api_admin(&st, &headers, &ext, "send").await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let b: SendBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return api_json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("expected {{\"study_uid\", \"to\", \"reason\", \"confirm\"}}: {e}")}),
+            );
+        }
+    };
+    let req = SendRequest {
+        study_uid: b.study_uid,
+        to: b.to,
+        reason: b.reason,
+        for_clinician: b.for_clinician,
+        user: p.name.clone(),
+        lifetime_secs: st.lifetime_secs.max(1),
+        chunk_size: st.chunk_bytes,
+    };
+    let prepared = match st.node.prepare(&req).await {
+        Ok(x) => x,
+        Err(e) => {
+            return api_json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": format!("{e:#}")}),
+            );
+        }
+    };
+    if !b.confirm {
+        return api_json(
+            StatusCode::OK,
+            serde_json::json!({
+                "summary": prepared.summary,
+                "large": prepared.summary.bytes > st.confirm_above_bytes,
+                "next": "repeat with \"confirm\": true to seal and send",
+            }),
+        );
+    }
+    match st.node.send(&req, prepared, |_, _| {}).await {
+        Ok(sent) => api_json(
+            StatusCode::OK,
+            serde_json::to_value(&sent).unwrap_or_default(),
+        ),
+        Err(e) => api_json(
+            StatusCode::BAD_GATEWAY,
+            serde_json::json!({"error": format!("{e:#}")}),
+        ),
+    }
+}
+
+async fn api_status(
+    axum::extract::State(st): axum::extract::State<ApiState>,
+    headers: axum::http::HeaderMap,
+    ext: axum::http::Extensions,
+) -> axum::response::Response {
+    if let Err(r) = api_admin(&st, &headers, &ext, "status").await {
+        return r;
+    }
+    match st.node.status().await {
+        Ok(rows) => api_json(
+            axum::http::StatusCode::OK,
+            serde_json::to_value(rows).unwrap_or_default(),
+        ),
+        Err(e) => api_json(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": format!("{e:#}")}),
+        ),
+    }
+}
+
+async fn api_inbox(
+    axum::extract::State(st): axum::extract::State<ApiState>,
+    headers: axum::http::HeaderMap,
+    ext: axum::http::Extensions,
+) -> axum::response::Response {
+    if let Err(r) = api_admin(&st, &headers, &ext, "inbox").await {
+        return r;
+    }
+    match st.node.inbox().await {
+        Ok(rows) => api_json(
+            axum::http::StatusCode::OK,
+            serde_json::to_value(rows).unwrap_or_default(),
+        ),
+        Err(e) => api_json(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": format!("{e:#}")}),
+        ),
+    }
+}

@@ -193,13 +193,17 @@ async fn start_web(
             public_url: h.public_url.clone(),
         },
     });
-    let app = axum::Router::new()
+    let exchange_api = crate::exchange::api_router(cfg, node, web.auth.clone())?;
+    let mut app = axum::Router::new()
         .nest("/dicom-web", kade_dicomweb::router(web.clone()))
         .route(
             "/healthz",
             axum::routing::get(kade_dicomweb::healthz).with_state(web),
         )
         .merge(viewer::router(viewer::dir(&cfg.data_dir)));
+    if let Some(api) = exchange_api {
+        app = app.nest("/api/exchange", api);
+    }
     let addr = format!("{}:{}", h.bind, h.port);
     let listener = TcpListener::bind(&addr).await.with_context(|| {
         format!("cannot listen on {addr}: is another program using the port? Choose one with --http-port or http.port")
