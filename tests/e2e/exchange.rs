@@ -397,7 +397,12 @@ async fn a_study_travels_from_a_to_b_and_is_imported_under_bs_local_patient() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn patients_are_reconciled_or_queued_never_merged() {
-    let backend = &backends()[0];
+    for b in backends() {
+        patients_are_reconciled_or_queued_never_merged_on(&b).await;
+    }
+}
+
+async fn patients_are_reconciled_or_queued_never_merged_on(backend: &Backend) {
     let mb = Mailbox::start(backend).await;
     let a = mb.hospital(backend, "HOSPA", &mb.url(), 0).await;
     let b = mb.hospital(backend, "HOSPB", &mb.url(), 0).await;
@@ -561,7 +566,14 @@ async fn patients_are_reconciled_or_queued_never_merged() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tampering_replay_wrong_signer_recall_expiry_and_bad_certificates_are_refused() {
-    let backend = &backends()[0];
+    for b in backends() {
+        tampering_replay_wrong_signer_recall_expiry_and_bad_certificates_are_refused_on(&b).await;
+    }
+}
+
+async fn tampering_replay_wrong_signer_recall_expiry_and_bad_certificates_are_refused_on(
+    backend: &Backend,
+) {
     let mb = Mailbox::start(backend).await;
     let a = mb.hospital(backend, "HOSPA", &mb.url(), 0).await;
     let b = mb.hospital(backend, "HOSPB", &mb.url(), 0).await;
@@ -921,7 +933,12 @@ async fn relay(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cut_connections_resume_with_only_missing_chunks() {
-    let backend = &backends()[0];
+    for b in backends() {
+        cut_connections_resume_with_only_missing_chunks_on(&b).await;
+    }
+}
+
+async fn cut_connections_resume_with_only_missing_chunks_on(backend: &Backend) {
     let mb = Mailbox::start(backend).await;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
