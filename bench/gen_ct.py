@@ -40,6 +40,11 @@ def parse_args():
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--cols", type=int, default=512)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--patient-id", default=None,
+                   help="Patient ID of every study (default BENCH0000, BENCH0001, ...)")
+    p.add_argument("--bsn", default=None,
+                   help="a national id (BSN) for the patient, as an Other Patient IDs item "
+                        "with issuer NLMINBIZA")
     a = p.parse_args()
     if a.instances < 1 or a.studies < 1 or a.series < a.studies:
         p.error("need instances >= 1, studies >= 1 and series >= studies")
@@ -76,6 +81,10 @@ def main():
         "seed": a.seed,
         "transfer_syntax": str(ExplicitVRLittleEndian),
     }
+    if a.patient_id:
+        params["patient_id"] = a.patient_id
+    if a.bsn:
+        params["bsn"] = a.bsn
     os.makedirs(a.out, exist_ok=True)
     marker = os.path.join(a.out, ".complete")
     if os.path.exists(marker):
@@ -97,7 +106,8 @@ def main():
     # so that the sorted file list is in series order (as a modality sends it) and an even
     # split of it over K associations gives each one whole series when K divides the count.
     studies = [
-        {"uid": generate_uid(UID_PREFIX), "patient": f"BENCH{s:04d}", "acc": f"ACC{s:06d}"}
+        {"uid": generate_uid(UID_PREFIX), "patient": a.patient_id or f"BENCH{s:04d}",
+         "acc": f"ACC{s:06d}"}
         for s in range(a.studies)
     ]
     series = [
@@ -137,6 +147,11 @@ def main():
         ds.PatientID = st["patient"]
         ds.PatientBirthDate = "19700101"
         ds.PatientSex = "O"
+        if a.bsn:
+            other = Dataset()
+            other.PatientID = a.bsn
+            other.IssuerOfPatientID = "NLMINBIZA"
+            ds.OtherPatientIDsSequence = [other]
         ds.SliceThickness = "1.0"
         ds.KVP = "120"
         ds.StudyInstanceUID = st["uid"]
