@@ -10,12 +10,18 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
+use futures::StreamExt;
 use kade_audit::{AuditEvent, EventKind, Outcome};
 use kade_core::Uid;
 use kade_ingest::{Expected, Source, Stored};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use tokio::io::AsyncWriteExt;
+
+/// Chunks downloaded ahead of the one being assembled.
+const DOWNLOADS_AHEAD: usize = 4;
+/// Instances imported at once (ingest commits them in groups).
+const IMPORTS_IN_FLIGHT: usize = 4;
 
 use super::client::{InboxEntry, refusal_status};
 use super::reconcile::{self, Decision, LocalPatient};
@@ -335,8 +341,16 @@ impl ExchangeNode {
         create_private_dir(work)?;
         let mut assembler = opener.assembler(manifest)?;
         let mut file: Option<tokio::fs::File> = None;
-        for index in 0..manifest.total_chunks {
-            let bytes = self.client.get_chunk(id, index).await?;
+        // Chunks are fetched DOWNLOADS_AHEAD at a time and assembled in order.
+        let (client, bundle) = (self.client.clone(), id.to_owned());
+        let mut fetches = futures::stream::iter(0..manifest.total_chunks)
+            .map(move |index| {
+                let (client, id) = (client.clone(), bundle.clone());
+                async move { (index, client.get_chunk(&id, index).await) }
+            })
+            .buffered(DOWNLOADS_AHEAD);
+        while let Some((index, bytes)) = fetches.next().await {
+            let bytes = bytes?;
             let opened = match assembler.push(index, &bytes) {
                 Ok(o) => o,
                 Err(ExchangeError::Tampered { .. }) => {
@@ -387,17 +401,27 @@ impl ExchangeNode {
         let at = dicom_now();
         let mut outcomes = Vec::with_capacity(m.instances.len());
         let (mut imported, mut present, mut rejected) = (0, 0, 0);
-        for (n, inst) in m.instances.iter().enumerate() {
-            let outcome = self
-                .import_one(
-                    &work.join(format!("{n}.dcm")),
-                    inst,
-                    local,
-                    &m.sender,
-                    &at,
-                    &source,
-                )
-                .await;
+        let jobs: Vec<_> = m
+            .instances
+            .iter()
+            .enumerate()
+            .map(|(n, inst)| (work.join(format!("{n}.dcm")), inst.clone()))
+            .collect();
+        let this = self.clone();
+        let (who, sender) = (local.clone(), m.sender.clone());
+        let mut results = futures::stream::iter(jobs)
+            .map(move |(path, inst)| {
+                let (this, local, sender) = (this.clone(), who.clone(), sender.clone());
+                let (at, source) = (at.clone(), source.clone());
+                async move {
+                    let o = this
+                        .import_one(&path, &inst, &local, &sender, &at, &source)
+                        .await;
+                    (inst, o)
+                }
+            })
+            .buffered(IMPORTS_IN_FLIGHT);
+        while let Some((inst, outcome)) = results.next().await {
             match &outcome {
                 InstanceOutcome::Imported => imported += 1,
                 InstanceOutcome::AlreadyPresent => present += 1,

@@ -3,7 +3,10 @@
 use std::collections::BTreeSet;
 
 use anyhow::{Context, anyhow, bail};
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use kade_audit::{AuditEvent, EventKind, Outcome};
 use serde::Serialize;
 use sqlx::Row;
@@ -275,15 +278,17 @@ impl ExchangeNode {
                 }
             })
             .await?;
-        let mut up = Uploader {
+        let up = Uploader {
             client,
             id: &id,
-            held: client.status(&id).await?.held.into_iter().collect(),
-            retried: 0,
-            skipped: 0,
+            held: std::sync::Mutex::new(client.status(&id).await?.held.into_iter().collect()),
+            retried: AtomicU32::new(0),
+            skipped: AtomicU32::new(0),
         };
         let mut done = 0u32;
         {
+            // Up to UPLOADS_IN_FLIGHT chunks travel at once; memory is that many chunks.
+            let mut inflight = FuturesUnordered::new();
             let mut writer = sealer.writer();
             for key in &prepared.blobs {
                 let mut stream = self
@@ -294,15 +299,28 @@ impl ExchangeNode {
                 while let Some(piece) = stream.next().await {
                     let piece = piece.with_context(|| format!("cannot read stored blob {key}"))?;
                     for chunk in writer.write(&piece)? {
-                        up.upload(chunk).await?;
-                        done += 1;
-                        progress(done, total);
+                        while inflight.len() >= UPLOADS_IN_FLIGHT {
+                            if let Some(r) = inflight.next().await {
+                                r?;
+                                done += 1;
+                                progress(done, total);
+                            }
+                        }
+                        inflight.push(up.upload(chunk));
                     }
                 }
             }
             writer.finish()?;
+            while let Some(r) = inflight.next().await {
+                r?;
+                done += 1;
+                progress(done, total);
+            }
         }
-        let (retried, skipped) = (up.retried, up.skipped);
+        let (retried, skipped) = (
+            up.retried.load(Ordering::Relaxed),
+            up.skipped.load(Ordering::Relaxed),
+        );
         drop(up);
         client.seal(&id).await?;
         self.set_outbox_state(&id, "sealed").await?;
@@ -377,23 +395,33 @@ impl ExchangeNode {
     }
 }
 
+/// Chunks uploaded concurrently by one send.
+const UPLOADS_IN_FLIGHT: usize = 4;
+
 /// Uploads chunks, skipping those the mailbox holds; on a transient failure it asks the
 /// mailbox what it holds and sends only what is missing.
 struct Uploader<'a> {
     client: &'a MailboxClient,
     id: &'a str,
-    held: BTreeSet<u32>,
-    retried: u32,
-    skipped: u32,
+    held: std::sync::Mutex<BTreeSet<u32>>,
+    retried: AtomicU32,
+    skipped: AtomicU32,
 }
 
 impl Uploader<'_> {
-    async fn upload(&mut self, chunk: SealedChunk) -> anyhow::Result<()> {
+    fn holds(&self, index: u32) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&index)
+    }
+
+    async fn upload(&self, chunk: SealedChunk) -> anyhow::Result<()> {
         let SealedChunk { index, ciphertext } = chunk;
         let mut delay = std::time::Duration::from_millis(100);
         for attempt in 1..=12 {
-            if self.held.contains(&index) {
-                self.skipped += 1;
+            if self.holds(index) {
+                self.skipped.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             match self
@@ -402,16 +430,20 @@ impl Uploader<'_> {
                 .await
             {
                 Ok(()) => {
-                    self.held.insert(index);
+                    self.held
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(index);
                     return Ok(());
                 }
                 Err(e) if is_transient(&e) && attempt < 12 => {
-                    self.retried += 1;
+                    self.retried.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(chunk = index, error = %format!("{e:#}"), "chunk upload failed; resuming");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(std::time::Duration::from_secs(3));
                     if let Ok(s) = self.client.status(self.id).await {
-                        self.held = s.held.into_iter().collect();
+                        *self.held.lock().unwrap_or_else(|e| e.into_inner()) =
+                            s.held.into_iter().collect();
                     }
                 }
                 Err(e) => {
