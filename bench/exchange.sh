@@ -127,7 +127,9 @@ echo "==> send (A)"
 /usr/bin/time -f "%M %e" -o send.time "$KADE" --data-dir HOSPA exchange send --study "$STUDY" \
     --to HOSPB --reason "Benchmark" --user bench --yes --json >send.json
 echo "==> receive (B)"
-/usr/bin/time -f "%M %e" -o receive.time "$KADE" --data-dir HOSPB exchange receive --json >receive.json
+KADE_LOG=kade_exchange=debug /usr/bin/time -f "%M %e" -o receive.time "$KADE" --data-dir HOSPB exchange receive --json \
+    >receive.json 2>receive.log
+grep -o 'bundle \(downloaded\|imported\).*' receive.log | sed 's/^/    /' || true
 MB_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$MB_PID/status")
 
 python3 - "$MB" "$INSTANCES" "$MB_RSS" <<'PY'

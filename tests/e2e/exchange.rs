@@ -34,8 +34,16 @@ impl Drop for Mailbox {
 
 impl Mailbox {
     async fn start(backend: &Backend) -> Mailbox {
-        let node =
-            Node::prepare(backend, "[mailbox]\nbind = \"127.0.0.1\"\nsweep_secs = 1\n").await;
+        Self::start_with(backend, "").await
+    }
+
+    /// A mailbox with extra keys in its `[mailbox]` table.
+    async fn start_with(backend: &Backend, mailbox: &str) -> Mailbox {
+        let node = Node::prepare(
+            backend,
+            &format!("[mailbox]\nbind = \"127.0.0.1\"\nsweep_secs = 1\n{mailbox}"),
+        )
+        .await;
         ok(&node, &["mailbox", "init"]);
         let log = std::fs::File::create(node.dir.path().join("mailbox.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_kade"))
@@ -403,7 +411,8 @@ async fn patients_are_reconciled_or_queued_never_merged() {
 }
 
 async fn patients_are_reconciled_or_queued_never_merged_on(backend: &Backend) {
-    let mb = Mailbox::start(backend).await;
+    // Acknowledged bundles are purged at the next sweep.
+    let mb = Mailbox::start_with(backend, "acknowledged_retention_days = 0\n").await;
     let a = mb.hospital(backend, "HOSPA", &mb.url(), 0).await;
     let b = mb.hospital(backend, "HOSPB", &mb.url(), 0).await;
     store(&b, &spec("MRN-B-1", None, Some(BSN), "19700101"));
@@ -488,6 +497,22 @@ async fn patients_are_reconciled_or_queued_never_merged_on(backend: &Backend) {
     })
     .await;
     assert_eq!(status_of(&a, &id2)["state"], "delivered");
+    // Receipted bundles lose their ciphertext at the mailbox; the unreceipted one keeps it.
+    let t0 = Instant::now();
+    while mb.bundle_row(&id3).await.0 != "purged" || mb.bundle_row(&id1).await.0 != "purged" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the mailbox did not purge"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let blobs = mb.node.all_blobs().await;
+    assert!(
+        blobs
+            .iter()
+            .all(|(k, _)| !k.contains(&id3) && !k.contains(&id1))
+    );
+    assert!(blobs.iter().any(|(k, _)| k.contains(&id2)));
 
     // The same through A's HTTPS API: admins only, a summary first, then the send.
     let s4 = spec("A-4", None, Some(BSN), "19700101");

@@ -270,6 +270,7 @@ impl ExchangeNode {
         )
         .await;
         let work = self.incoming(id);
+        let t0 = std::time::Instant::now();
         if let Err(e) = self.download(id, &opener, &manifest, &work).await {
             let reason = match e.downcast_ref::<ExchangeError>() {
                 Some(x) => refusal_reason(x),
@@ -284,6 +285,12 @@ impl ExchangeNode {
             manifest_sha256: hex::encode(opener.manifest_sha256()),
             manifest,
         };
+        tracing::info!(
+            bundle = %id,
+            secs = t0.elapsed().as_secs_f64(),
+            bytes = kept.manifest.payload_size,
+            "bundle downloaded, decrypted and verified"
+        );
         let decision = reconcile::decide(&self.index, &kept.manifest.patient).await?;
         let t = now() as i64;
         sqlx::query(
@@ -310,6 +317,10 @@ impl ExchangeNode {
                 })
             }
             Decision::Queue(reason) => {
+                let dir = self.incoming(id);
+                tokio::task::spawn_blocking(move || sync_all(&dir))
+                    .await
+                    .map_err(|e| anyhow!("sync task: {e}"))??;
                 self.record(
                     EventKind::ExchangeImport,
                     Outcome::MinorFailure,
@@ -374,7 +385,9 @@ impl ExchangeNode {
                     .ok_or_else(|| anyhow!("instance piece without a start"))?;
                 f.write_all(opened.bytes(piece)).await?;
                 if piece.completes {
-                    f.sync_all().await?;
+                    // Not synced here: an imported instance is made durable by ingest, and a
+                    // bundle that waits for reconciliation is synced as a whole (sync_all).
+                    f.flush().await?;
                     file = None;
                 }
             }
@@ -399,6 +412,7 @@ impl ExchangeNode {
             address: None,
         };
         let at = dicom_now();
+        let t0 = std::time::Instant::now();
         let mut outcomes = Vec::with_capacity(m.instances.len());
         let (mut imported, mut present, mut rejected) = (0, 0, 0);
         let jobs: Vec<_> = m
@@ -435,6 +449,7 @@ impl ExchangeNode {
                 outcome,
             });
         }
+        tracing::info!(bundle = %id, secs = t0.elapsed().as_secs_f64(), imported, "bundle imported");
         let mut sha = [0u8; 32];
         hex::decode_to_slice(&kept.manifest_sha256, &mut sha)?;
         let receipt = Receipt {
@@ -634,6 +649,15 @@ impl ExchangeNode {
         let dir = self.directory().await?;
         self.import(id, &kept, &local, &dir).await
     }
+}
+
+/// Syncs every file of a directory and the directory itself.
+fn sync_all(dir: &Path) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        std::fs::File::open(e?.path())?.sync_all()?;
+    }
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 fn create_private_dir(p: &Path) -> anyhow::Result<()> {
