@@ -709,7 +709,7 @@ async fn a_stow_cut_off_midway_stores_nothing_and_leaves_no_spool() {
     for b in backends() {
         let node = Node::start(&b).await;
         let c = node.http_client();
-        let (ct, body) = stow_body(&files);
+        let (ct, body) = stow_body(&files[..2]);
         // The first instance whole, then the connection fails inside the second.
         let cut = body.len() - 2_000_000;
         let mut pieces: Vec<Result<Vec<u8>, std::io::Error>> = body[..cut]
@@ -873,4 +873,178 @@ async fn configured_certificates_are_reloaded_on_sighup_and_cors_answers_allowed
     assert_eq!(pre.status(), 204);
     assert!(pre.headers().contains_key("access-control-allow-origin"));
     assert!(pre.text().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn compressed_instances_are_decompressed_on_request() {
+    use dicom_dictionary_std::tags;
+    let dir = kade_testkit::testdata_dir().join("pydicom");
+    let files: Vec<_> = [
+        "MR_small_RLE.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        // Same SOP Instance UID as MR_small_RLE.dcm: stored on a second node below.
+        "MR_small_jpeg_ls_lossless.dcm",
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .collect();
+    let ids = |f: &std::path::Path| {
+        let o = dicom_object::open_file(f).unwrap();
+        let s = |t| {
+            o.element(t)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim_end_matches('\0')
+                .to_owned()
+        };
+        (
+            s(tags::STUDY_INSTANCE_UID),
+            s(tags::SERIES_INSTANCE_UID),
+            s(tags::SOP_INSTANCE_UID),
+        )
+    };
+    let pixels = |bytes: &[u8]| {
+        dicom_object::OpenFileOptions::new()
+            .read_preamble(dicom_object::file::ReadPreamble::Always)
+            .from_reader(bytes)
+            .unwrap()
+            .element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .to_vec()
+    };
+    // The uncompressed original of MR_small_RLE.dcm, encoded by other software.
+    let reference = pixels(&std::fs::read(dir.join("MR_small.dcm")).unwrap());
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let c = node.http_client();
+        let base = format!("{}/dicom-web", node.https());
+        let (ct, body) = stow_body(&files[..2]);
+        let r = c
+            .post(format!("{base}/studies"))
+            .bearer_auth(&node.admin_token)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        assert_eq!(status, 200, "[{}] {}", b.name, r.text().await.unwrap());
+        let get = |url: String, accept: &'static str| {
+            let c = c.clone();
+            let token = node.admin_token.clone();
+            async move {
+                let r = c
+                    .get(url)
+                    .bearer_auth(token)
+                    .header("accept", accept)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let ct = r
+                    .headers()
+                    .get("content-type")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                (status, ct, r.bytes().await.unwrap().to_vec())
+            }
+        };
+        let (st, se, sop) = ids(&files[0]);
+        let inst = format!("{base}/studies/{st}/series/{se}/instances/{sop}");
+        // The whole instance, decompressed to Explicit VR Little Endian.
+        let (status, ct, body) = get(
+            inst.clone(),
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1",
+        )
+        .await;
+        assert_eq!(
+            status,
+            200,
+            "[{}] {}",
+            b.name,
+            String::from_utf8_lossy(&body)
+        );
+        let part = &parts(&ct, &body)[0];
+        let obj = dicom_object::OpenFileOptions::new()
+            .read_preamble(dicom_object::file::ReadPreamble::Always)
+            .from_reader(&part[..])
+            .unwrap();
+        assert_eq!(
+            obj.meta().transfer_syntax().trim_end_matches('\0'),
+            "1.2.840.10008.1.2.1"
+        );
+        assert!(
+            pixels(part) == reference,
+            "[{}] decompressed pixels",
+            b.name
+        );
+        // One frame, decoded.
+        let (status, ct, body) = get(
+            format!("{inst}/frames/1"),
+            "multipart/related; type=\"application/octet-stream\"; transfer-syntax=1.2.840.10008.1.2.1",
+        )
+        .await;
+        assert_eq!(status, 200, "[{}]", b.name);
+        assert!(
+            parts(&ct, &body)[0] == reference,
+            "[{}] decoded frame",
+            b.name
+        );
+        // A lossy colour JPEG, rendered.
+        let (st2, se2, sop2) = ids(&files[1]);
+        let (status, ct, body) = get(
+            format!("{base}/studies/{st2}/series/{se2}/instances/{sop2}/rendered"),
+            "image/png",
+        )
+        .await;
+        assert_eq!((status, ct.as_str()), (200, "image/png"), "[{}]", b.name);
+        assert_eq!(&body[1..4], b"PNG");
+        // JPEG-LS has no decoder here: 406 that says so; as stored it still works.
+        let node = Node::start(&b).await;
+        let c = node.http_client();
+        let base = format!("{}/dicom-web", node.https());
+        let (ct, body) = stow_body(&files[2..]);
+        let r = c
+            .post(format!("{base}/studies"))
+            .bearer_auth(&node.admin_token)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let get = |url: String, accept: &'static str| {
+            let c = c.clone();
+            let token = node.admin_token.clone();
+            async move {
+                let r = c
+                    .get(url)
+                    .bearer_auth(token)
+                    .header("accept", accept)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                (status, (), r.bytes().await.unwrap().to_vec())
+            }
+        };
+        let (st3, se3, sop3) = ids(&files[2]);
+        let url = format!("{base}/studies/{st3}/series/{se3}/instances/{sop3}");
+        let (status, _, body) = get(
+            url.clone(),
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=1.2.840.10008.1.2.1",
+        )
+        .await;
+        assert_eq!(status, 406, "[{}]", b.name);
+        assert!(String::from_utf8_lossy(&body).contains("cannot decompress"));
+        let (status, _, _) = get(
+            url,
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
 }

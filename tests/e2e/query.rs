@@ -365,8 +365,8 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
             b.name
         );
 
-        // A destination that takes only uncompressed data cannot get a JPEG instance as
-        // stored: that sub-operation fails and is named in the final response.
+        // A destination that takes only uncompressed data gets a JPEG instance decompressed:
+        // RGB, marked lossy, with the colour bands of the reference image.
         let jpeg = testdata_dir().join("pydicom/SC_rgb_jpeg_dcmtk.dcm");
         let o = node.dcmtk(
             &dcmsend,
@@ -403,23 +403,61 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
         ];
         let out = tools::text(&node.dcmtk(&movescu, "MOVESCU", &args, &[]));
         assert!(
-            out.contains("Final Move Response") && out.contains("Warning"),
+            out.contains("Received Final Move Response")
+                && out.contains("0x0000: Success: Sub-operations complete"),
             "[{}] {out}",
             b.name
         );
-        let listed = out
-            .lines()
-            .any(|l| l.contains("FailedSOPInstanceUIDList") && l.contains(&jpeg_p.sop_instance));
+        let got = plain.files();
+        assert_eq!(got.len(), 1, "[{}] {out}", b.name);
+        let arrived = dicom_object::open_file(&got[0]).unwrap();
+        let ts = arrived
+            .meta()
+            .transfer_syntax()
+            .trim_end_matches('\0')
+            .to_owned();
         assert!(
-            listed,
-            "[{}] failed instance not listed in the final response: {out}",
+            ts == "1.2.840.10008.1.2" || ts == "1.2.840.10008.1.2.1",
+            "[{}] arrived in {ts}",
             b.name
         );
-        assert!(plain.files().is_empty());
+        let text = |t| {
+            arrived
+                .element(t)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        assert_eq!(text(tags::PHOTOMETRIC_INTERPRETATION), "RGB");
+        assert_eq!(text(tags::LOSSY_IMAGE_COMPRESSION), "01");
+        let px = arrived
+            .element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .to_vec();
+        assert_eq!(px.len(), 100 * 100 * 3);
+        for (row, band) in [
+            (5usize, [255i16, 0, 0]),
+            (25, [0, 255, 0]),
+            (45, [0, 0, 255]),
+        ] {
+            let i = (row * 100 + 50) * 3;
+            for s in 0..3 {
+                assert!(
+                    (i16::from(px[i + s]) - band[s]).abs() <= 8,
+                    "[{}] row {row}: {:?}",
+                    b.name,
+                    &px[i..i + 3]
+                );
+            }
+        }
         let tail =
             String::from_utf8(node.cli(&["audit", "tail", "-n", "5", "--json"]).stdout).unwrap();
         assert!(
-            tail.contains(&format!("0 completed, 1 failed ({})", jpeg_p.sop_instance)),
+            tail.contains("C-MOVE to PLAINSCP: 1 completed, 0 failed"),
             "[{}] {tail}",
             b.name
         );
@@ -601,7 +639,7 @@ async fn c_move_re_encodes_for_a_destination_that_takes_only_implicit_vr() {
             };
             assert_eq!(px(&arrived), px(&sent), "[{}] pixel data changed", b.name);
         }
-        // A compressed instance cannot be re-encoded: a failed sub-operation, named.
+        // A compressed instance is decompressed for it.
         let jp = kade_testkit::part10::Part10::read(&jpeg).unwrap();
         let key = format!("SOPInstanceUID={}", jp.sop_instance);
         let study_key = format!("StudyInstanceUID={}", corpus_study_of(&jpeg));
@@ -621,18 +659,39 @@ async fn c_move_re_encodes_for_a_destination_that_takes_only_implicit_vr() {
         ];
         let out = tools::text(&node.dcmtk(&movescu, "MOVESCU", &args, &[]));
         assert!(
-            out.contains(
-                "Received Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)"
-            ),
+            out.contains("Received Final Move Response (Success)"),
             "[{}] {out}",
             b.name
         );
+        let got = scp.files();
         assert_eq!(
-            scp.files().len(),
-            3,
-            "[{}] compressed instance arrived",
+            got.len(),
+            4,
+            "[{}] the compressed instance did not arrive",
             b.name
         );
+        let arrived = got
+            .iter()
+            .map(|g| dicom_object::open_file(g).unwrap())
+            .find(|o| {
+                o.element(tags::SOP_INSTANCE_UID)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .trim_end_matches('\0')
+                    == jp.sop_instance
+            })
+            .expect("the JPEG 2000 instance");
+        assert_eq!(
+            arrived.meta().transfer_syntax().trim_end_matches('\0'),
+            "1.2.840.10008.1.2"
+        );
+        let px = arrived
+            .element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap();
+        assert_eq!(px.len(), 1024 * 256 * 2, "[{}] decoded pixel data", b.name);
     }
 }
 

@@ -91,13 +91,25 @@ pub async fn frames(
         None => true,
         Some(ts) => ts == &stored_ts,
     };
-    if !as_stored && !is_native(&stored_ts) {
+    let decompress = !as_stored && !is_native(&stored_ts);
+    if decompress && !kade_pixel::can_decode_layout(&stored_ts, row.bits_allocated) {
         return Err(ApiError::NotAcceptable(format!(
-            "the frames are stored compressed ({stored_ts}); ask for transfer-syntax=* to get \
-             them as stored (decompression on request is not supported yet)"
+            "the frames are stored compressed ({stored_ts}), which Kade cannot decompress; ask \
+             for transfer-syntax=* to get them as stored"
         )));
     }
     let parts = tokio::task::spawn_blocking(move || -> Result<Vec<(String, Vec<u8>)>, ApiError> {
+        if decompress {
+            let mut out = Vec::with_capacity(list.len());
+            for n in list {
+                let (_, bytes) = kade_pixel::decoded_frame(&blob, n).map_err(pixel_error)?;
+                out.push((
+                    format!("application/octet-stream; transfer-syntax={EXPLICIT_LE}"),
+                    bytes,
+                ));
+            }
+            return Ok(out);
+        }
         let px = Pixels::read(&blob)?;
         let mut out = Vec::with_capacity(list.len());
         for n in list {
@@ -126,6 +138,18 @@ pub async fn frames(
     )
     .await;
     parts_response(parts)
+}
+
+/// A decoding failure as an HTTP answer: a frame that does not exist is 404, pixel data that
+/// Kade cannot decode or that is damaged is 406 with the reason.
+fn pixel_error(e: kade_pixel::PixelError) -> ApiError {
+    use kade_pixel::PixelError as P;
+    match e {
+        P::FrameOutOfRange { .. } => ApiError::NotFound(e.to_string()),
+        P::NoPixelData => ApiError::NotFound(e.to_string()),
+        P::Encode(_) => ApiError::Internal(e.to_string()),
+        _ => ApiError::NotAcceptable(e.to_string()),
+    }
 }
 
 /// Whether a transfer syntax carries native (uncompressed) pixel data.
@@ -343,10 +367,16 @@ async fn rendered_frame(
     let image = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
         let px = Pixels::read(&blob)?;
         if px.encapsulated {
-            return Err(ApiError::NotAcceptable(format!(
-                "the pixel data is stored compressed ({}); rendering it is not supported yet",
-                px.transfer_syntax
-            )));
+            let opts = kade_pixel::RenderOptions {
+                window: params.window,
+                viewport: params.viewport,
+                format: match params.format {
+                    crate::render::Format::Jpeg => kade_pixel::ImageFormat::Jpeg,
+                    crate::render::Format::Png => kade_pixel::ImageFormat::Png,
+                },
+                quality: params.quality,
+            };
+            return kade_pixel::render(&blob, n, &opts).map_err(pixel_error);
         }
         let frame = px.frame(n)?;
         let mut img = crate::render::to_image(&frame, &px.layout, params.window)?;

@@ -7,7 +7,8 @@
 //! inverted for MONOCHROME1. Colour: RGB as stored, YBR_FULL converted to RGB. The image is
 //! scaled to fit `viewport=width,height` (aspect ratio kept), bilinearly.
 //!
-//! Frames stored compressed are not decoded yet: they get 406, and the message says so.
+//! Frames stored compressed are decoded and rendered by kade-pixel (same pipeline); codecs it
+//! lacks (JPEG-LS, 12-bit JPEG…) get 406 with the reason.
 
 use crate::ApiError;
 

@@ -165,13 +165,14 @@ async fn retrieve(
         }
     };
     if let Some(t) = target {
-        if let Some(r) = rows
-            .iter()
-            .find(|r| r.transfer_syntax_uid != t && !is_native(&r.transfer_syntax_uid))
-        {
+        if let Some(r) = rows.iter().find(|r| {
+            r.transfer_syntax_uid != t
+                && !is_native(&r.transfer_syntax_uid)
+                && !kade_pixel::can_decode_layout(&r.transfer_syntax_uid, r.bits_allocated)
+        }) {
             return Err(ApiError::NotAcceptable(format!(
-                "instance {} is stored compressed ({}) and decompression is not supported yet; \
-                 ask for transfer-syntax=* to get it as stored",
+                "instance {} is stored compressed ({}), which Kade cannot decompress; ask for \
+                 transfer-syntax=* to get it as stored",
                 r.sop_uid, r.transfer_syntax_uid
             )));
         }
@@ -198,9 +199,10 @@ async fn retrieve(
             if let Some(t) = convert {
                 // Re-encoding needs the whole instance in memory (one instance at a time).
                 let blob = store.get(&r.blob_key).await;
+                let stored_ts = r.transfer_syntax_uid.clone();
                 let out = match blob {
                     Ok(blob) => tokio::task::spawn_blocking(move || {
-                        kade_core::transcode::to_native(&blob, t)
+                        crate::wado::re_encode(&blob, &stored_ts, t)
                     })
                     .await
                     .ok()
@@ -253,6 +255,24 @@ async fn retrieve(
             .map_err(|e| ApiError::Internal(format!("content type: {e}")))?,
     );
     Ok(res)
+}
+
+/// `blob`, stored in transfer syntax `stored`, in native transfer syntax `target` (Explicit
+/// or Implicit VR Little Endian): re-encoded when stored natively, decompressed by kade-pixel when stored compressed.
+pub(crate) fn re_encode(blob: &[u8], stored: &str, target: &str) -> Result<Vec<u8>, String> {
+    use kade_core::transcode::{IMPLICIT_LE, is_native};
+    if is_native(stored) {
+        return kade_core::transcode::to_native(blob, target).map_err(|e| e.to_string());
+    }
+    let out = if target == IMPLICIT_LE {
+        kade_pixel::to_implicit_le(blob)
+    } else {
+        kade_pixel::to_explicit_le(blob)
+    };
+    out.map_err(|e| {
+        tracing::warn!(error = %e, "cannot decompress for WADO-RS");
+        e.to_string()
+    })
 }
 
 /// `GET /studies/{study}`.

@@ -152,8 +152,9 @@ pub fn query_of(identifier: &[u8], ts: &str) -> Result<LevelQuery<InstanceKey>, 
 
 /// The presentation contexts to propose for `instances`: one per SOP class and stored
 /// transfer syntax, so every instance can go as stored, plus, for classes stored in a native
-/// transfer syntax, one offering Explicit and Implicit VR Little Endian, into which Kade can
-/// re-encode when the destination does not take the stored one.
+/// transfer syntax or in a compressed one kade-pixel decodes, one offering Explicit and
+/// Implicit VR Little Endian, into which Kade re-encodes (decompressing) when the destination
+/// does not take the stored one.
 pub fn proposals(instances: &[InstanceRow]) -> Vec<(String, Vec<String>)> {
     use kade_core::transcode::{EXPLICIT_LE, IMPLICIT_LE, is_native};
     let mut v: Vec<(String, Vec<String>)> = Vec::new();
@@ -165,7 +166,10 @@ pub fn proposals(instances: &[InstanceRow]) -> Vec<(String, Vec<String>)> {
     }
     let classes: Vec<String> = instances
         .iter()
-        .filter(|i| is_native(&i.transfer_syntax_uid))
+        .filter(|i| {
+            is_native(&i.transfer_syntax_uid)
+                || kade_pixel::can_decode_layout(&i.transfer_syntax_uid, i.bits_allocated)
+        })
         .map(|i| i.sop_class_uid.clone())
         .collect();
     for c in classes {
@@ -181,7 +185,7 @@ pub fn proposals(instances: &[InstanceRow]) -> Vec<(String, Vec<String>)> {
 /// The presentation context to send an instance of `class`, stored in `stored`, on:
 /// `context(class, ts)` looks an accepted context up. As stored when possible (`None` as the
 /// second value), else re-encoded to Explicit or Implicit VR Little Endian when the stored
-/// syntax is native.
+/// syntax is native or decodable (decompressed).
 pub fn choose(
     context: impl Fn(&str, &str) -> Option<u8>,
     class: &str,
@@ -191,7 +195,7 @@ pub fn choose(
     if let Some(pc) = context(class, stored) {
         return Some((pc, None));
     }
-    if !is_native(stored) {
+    if !is_native(stored) && !kade_pixel::can_decode(stored) {
         return None;
     }
     [EXPLICIT_LE, IMPLICIT_LE]
@@ -204,8 +208,20 @@ pub async fn prepared(blob: bytes::Bytes, target: Option<&'static str>) -> Optio
     match target {
         None => Some(blob),
         Some(t) => tokio::task::spawn_blocking(move || {
-            kade_core::transcode::to_native(&blob, t)
-                .map_err(|e| tracing::warn!(error = %e, "cannot re-encode for the destination"))
+            let native = kade_core::transcode::to_native(&blob, t);
+            let out = match native {
+                Ok(b) => Ok(b),
+                // Stored compressed: decompress (kade-pixel).
+                Err(kade_core::transcode::TranscodeError::Compressed(_)) => {
+                    if t == kade_core::transcode::IMPLICIT_LE {
+                        kade_pixel::to_implicit_le(&blob).map_err(|e| e.to_string())
+                    } else {
+                        kade_pixel::to_explicit_le(&blob).map_err(|e| e.to_string())
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            out.map_err(|e| tracing::warn!(error = %e, "cannot re-encode for the destination"))
                 .ok()
                 .map(bytes::Bytes::from)
         })

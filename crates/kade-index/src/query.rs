@@ -432,6 +432,8 @@ pub struct InstanceRow {
     pub transfer_syntax_uid: String,
     /// Its blob.
     pub blob_key: String,
+    /// Bits Allocated (whether a codec can decode it depends on it).
+    pub bits_allocated: Option<i64>,
 }
 
 fn conditions<K: Copy + std::fmt::Debug>(
@@ -581,8 +583,8 @@ impl Index {
         };
         let text = finish_sql(
             "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.instance_number, \
-             i.pixel_rows, i.pixel_columns, i.number_of_frames, i.transfer_syntax_uid, i.blob_key \
-             FROM instances i \
+             i.pixel_rows, i.pixel_columns, i.number_of_frames, i.transfer_syntax_uid, i.blob_key, \
+             i.bits_allocated FROM instances i \
              JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = se.study_fk"
                 .into(),
             &sql,
@@ -605,6 +607,7 @@ impl Index {
                     frames: r.try_get(7)?,
                     transfer_syntax_uid: r.try_get(8)?,
                     blob_key: r.try_get(9)?,
+                    bits_allocated: r.try_get(10)?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
