@@ -502,7 +502,7 @@ class Orthanc(Server):
     name = "Orthanc"
     called = "ORTHANC"
 
-    def __init__(self, binary, work):
+    def __init__(self, binary, work, extra_config=None):
         self.dir = os.path.join(work, "orthanc")
         os.makedirs(self.dir)
         self.dicom, self.http_port = free_port(), free_port()
@@ -531,6 +531,7 @@ class Orthanc(Server):
             "Plugins": [plugin],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
+        cfg.update(extra_config or {})
         self.config = os.path.join(self.dir, "orthanc.json")
         with open(self.config, "w") as f:
             json.dump(cfg, f, indent=2)
