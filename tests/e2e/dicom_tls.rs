@@ -88,6 +88,64 @@ impl Pki {
                 "client.ext",
             ]);
         }
+        // A server certificate for a TLS C-MOVE destination on 127.0.0.1.
+        std::fs::write(
+            dir.path().join("server.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
+             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1\n",
+        )
+        .unwrap();
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "scp.key",
+            "-out",
+            "scp.csr",
+            "-subj",
+            "/CN=storescp",
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "scp.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "scp.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        // The same kind of certificate, self-signed: from no CA Kade trusts.
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "rogue.key",
+            "-out",
+            "rogue.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rogue",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ]);
         Some(Pki { dir })
     }
 
@@ -263,4 +321,108 @@ async fn dicom_tls_refuses_tls_1_1_and_plain_dimse_can_be_switched_off() {
     .arg(node.tls_port.to_string());
     let out = tools::text(&tools::run(c));
     assert!(!out.contains("Association Accepted"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_move_reaches_a_destination_over_tls_and_refuses_an_untrusted_one() {
+    let (Some(movescu), Some(storescu), Some(storescp)) = (
+        tools::dcmtk("movescu"),
+        tools::dcmtk("storescu"),
+        tools::dcmtk("storescp"),
+    ) else {
+        return;
+    };
+    let Some(pki) = Pki::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = kade_testkit::r#gen::CtSpec::small(1, 2);
+    let files = kade_testkit::r#gen::ct_study(dir.path(), &spec);
+    for b in backends() {
+        let node = Node::start_with_dicom(
+            &b,
+            &format!("[dicom.tls]\npeer_ca = {:?}\n", pki.path("ca.pem")),
+        )
+        .await;
+        let o = node.dcmtk(&storescu, "STORESCU", &[], &files);
+        assert!(o.status.success(), "{}", tools::text(&o));
+        // storescp over TLS with a certificate from the CA Kade trusts, requiring and
+        // verifying Kade's own (generated) certificate as client certificate.
+        let key = pki.path("scp.key");
+        let pem = pki.path("scp.pem");
+        let kade_cert = node.cert_path();
+        let tls_opts = [
+            "+tls",
+            key.to_str().unwrap(),
+            pem.to_str().unwrap(),
+            "+cf",
+            kade_cert.to_str().unwrap(),
+        ];
+        let scp = crate::common::StoreScp::start(&storescp, "TLSSCP", &tls_opts);
+        let rogue_opts = [
+            "+tls".to_owned(),
+            pki.path("rogue.key").to_str().unwrap().to_owned(),
+            pki.path("rogue.pem").to_str().unwrap().to_owned(),
+            "+cf".to_owned(),
+            kade_cert.to_str().unwrap().to_owned(),
+        ];
+        let rogue_refs: Vec<&str> = rogue_opts.iter().map(String::as_str).collect();
+        let rogue = crate::common::StoreScp::start(&storescp, "ROGUESCP", &rogue_refs);
+        for (ae, port) in [("TLSSCP", scp.port), ("ROGUESCP", rogue.port)] {
+            let o = node.cli(&[
+                "peer",
+                "add",
+                ae,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--allow",
+                "echo",
+                "--tls",
+            ]);
+            assert!(o.status.success(), "{}", tools::text(&o));
+        }
+        let study = format!("StudyInstanceUID={}", spec.study_uid);
+        let run = |dest: &str| {
+            let args = [
+                "-v",
+                "-S",
+                "-aem",
+                dest,
+                "-k",
+                "QueryRetrieveLevel=STUDY",
+                "-k",
+                &study,
+            ];
+            tools::text(&node.dcmtk(&movescu, "MOVESCU", &args, &[]))
+        };
+        let out = run("TLSSCP");
+        assert!(
+            out.contains("Received Final Move Response (Success)"),
+            "[{}] {out}\n{}",
+            b.name,
+            node.log()
+        );
+        let got = scp.files();
+        assert_eq!(got.len(), 2, "[{}] {out}", b.name);
+        for f in &files {
+            let sent = kade_testkit::part10::Part10::read(f).unwrap();
+            assert!(
+                got.iter()
+                    .map(|g| kade_testkit::part10::Part10::read(g).unwrap())
+                    .any(|p| p.sop_instance == sent.sop_instance && p.dataset == sent.dataset),
+                "[{}] instance did not arrive intact over TLS",
+                b.name
+            );
+        }
+        // A destination whose certificate no trusted CA issued: nothing is sent to it.
+        let out = run("ROGUESCP");
+        assert!(
+            !out.contains("Received Final Move Response (Success)"),
+            "[{}] {out}",
+            b.name
+        );
+        assert!(rogue.files().is_empty(), "[{}]", b.name);
+        let tail = tools::text(&node.cli(&["audit", "tail", "-n", "10", "--json"]));
+        assert!(tail.contains("ROGUESCP"), "[{}] {tail}", b.name);
+    }
 }

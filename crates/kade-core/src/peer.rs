@@ -113,6 +113,10 @@ pub struct Peer {
     /// certificate; anything else is rejected like an unknown peer.
     #[serde(default)]
     pub tls_cert_sha256: Option<String>,
+    /// Connect to this peer over DICOM TLS when it is a C-MOVE destination (its certificate
+    /// must verify against `dicom.tls.peer_ca`; Kade presents its own DICOM TLS certificate).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 impl Peer {
@@ -205,6 +209,7 @@ mod tests {
             max_matches: None,
             narrow_queries: false,
             tls_cert_sha256: None,
+            tls: false,
         };
         assert!(peer.matches_address("10.1.2.3".parse().unwrap()));
         assert!(!peer.matches_address("10.2.0.1".parse().unwrap()));

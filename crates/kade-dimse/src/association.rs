@@ -603,7 +603,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         let addr = (dest.host.addr(), port);
         let our_ae = self.ctx.opts.ae_title.to_string();
         let proposals = c_move::proposals(&instances);
-        let connect = ScuAssociation::connect(addr, &our_ae, dest.ae_title.as_str(), &proposals);
+        let connect = async {
+            if !dest.tls {
+                return ScuAssociation::connect(addr, &our_ae, dest.ae_title.as_str(), &proposals)
+                    .await;
+            }
+            let Some(cfg) = self.ctx.opts.outbound_tls.clone() else {
+                return Err(crate::scu::ScuError::Protocol(
+                    "the destination is reached over TLS, but dicom.tls.peer_ca is not configured"
+                        .into(),
+                ));
+            };
+            let name = rustls::pki_types::ServerName::IpAddress(dest.host.addr().into());
+            ScuAssociation::connect_tls(
+                addr,
+                name,
+                cfg,
+                &our_ae,
+                dest.ae_title.as_str(),
+                &proposals,
+            )
+            .await
+        };
         let mut out = match tokio::time::timeout(self.ctx.opts.establish_timeout, connect).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {

@@ -57,6 +57,9 @@ pub struct ServerOptions {
     pub write_timeout: Duration,
     /// On shutdown, how long in-flight associations may take to finish their current store.
     pub drain_timeout: Duration,
+    /// TLS for C-MOVE destinations whose peer entry says `tls`: trusted CAs and Kade's client
+    /// certificate. `None`: such destinations are refused with a clear reason.
+    pub outbound_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl ServerOptions {
@@ -71,6 +74,7 @@ impl ServerOptions {
             read_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
+            outbound_tls: None,
         }
     }
 }

@@ -197,6 +197,7 @@ mod tests {
             max_matches: None,
             narrow_queries: false,
             tls_cert_sha256: None,
+            tls: false,
         }
     }
 

@@ -1,4 +1,5 @@
-//! A small association requestor (SCU): C-ECHO and C-STORE over one association.
+//! A small association requestor (SCU): C-ECHO and C-STORE over one association, over TCP or
+//! DICOM TLS ([`ScuAssociation::connect_tls`]).
 //! Kade uses it for outbound stores (C-MOVE sub-operations) and tests use it to drive
 //! the listener with traffic no ordinary SCU sends (broken data sets, aborts mid-transfer).
 
@@ -7,7 +8,9 @@ use dicom_ul::pdu::{
     PresentationContextResultReason, UserVariableItem,
 };
 use kade_core::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
 use crate::command::{CommandSet, field, store_request, tag};
@@ -41,16 +44,24 @@ pub enum ScuError {
 pub type Proposal = (String, Vec<String>);
 
 /// An established association, as requestor.
-#[derive(Debug)]
 pub struct ScuAssociation {
-    rd: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: tokio::net::tcp::OwnedWriteHalf,
+    rd: BufReader<Box<dyn AsyncRead + Unpin + Send>>,
+    wr: Box<dyn AsyncWrite + Unpin + Send>,
     accepted: Vec<(u8, String, String)>,
     peer_max_pdu: u32,
     next_id: u16,
 }
 
 const OUR_MAX_PDU: u32 = 256 * 1024;
+
+impl std::fmt::Debug for ScuAssociation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScuAssociation")
+            .field("accepted", &self.accepted)
+            .field("peer_max_pdu", &self.peer_max_pdu)
+            .finish_non_exhaustive()
+    }
+}
 
 impl ScuAssociation {
     /// Connects and negotiates.
@@ -66,6 +77,39 @@ impl ScuAssociation {
         let sock = TcpStream::connect(addr).await?;
         sock.set_nodelay(true)?;
         let (r, w) = sock.into_split();
+        Self::negotiate(Box::new(r), Box::new(w), calling, called, proposals).await
+    }
+
+    /// Connects over DICOM TLS (PS3.15 B.12): the acceptor's certificate is verified by
+    /// `config` against `server_name` (an IP address or DNS name), then the association is
+    /// negotiated inside the TLS session.
+    ///
+    /// # Errors
+    /// Connection, TLS handshake (e.g. an untrusted certificate) and negotiation failures.
+    pub async fn connect_tls(
+        addr: impl ToSocketAddrs,
+        server_name: rustls::pki_types::ServerName<'static>,
+        config: Arc<rustls::ClientConfig>,
+        calling: &str,
+        called: &str,
+        proposals: &[Proposal],
+    ) -> Result<Self, ScuError> {
+        let sock = TcpStream::connect(addr).await?;
+        sock.set_nodelay(true)?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(server_name, sock)
+            .await?;
+        let (r, w) = tokio::io::split(tls);
+        Self::negotiate(Box::new(r), Box::new(w), calling, called, proposals).await
+    }
+
+    async fn negotiate(
+        r: Box<dyn AsyncRead + Unpin + Send>,
+        w: Box<dyn AsyncWrite + Unpin + Send>,
+        calling: &str,
+        called: &str,
+        proposals: &[Proposal],
+    ) -> Result<Self, ScuError> {
         let mut a = ScuAssociation {
             rd: BufReader::new(r),
             wr: w,

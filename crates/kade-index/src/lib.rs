@@ -88,6 +88,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "exchange",
         include_str!("../../../migrations/sqlite/0005_exchange.sql"),
     ),
+    (
+        6,
+        "peer outbound tls",
+        include_str!("../../../migrations/sqlite/0006_peer_outbound_tls.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -114,6 +119,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "exchange",
         include_str!("../../../migrations/postgres/0005_exchange.sql"),
+    ),
+    (
+        6,
+        "peer outbound tls",
+        include_str!("../../../migrations/postgres/0006_peer_outbound_tls.sql"),
     ),
 ];
 

@@ -13,11 +13,11 @@ impl Index {
     pub async fn put_peer(&self, p: &Peer) -> Result<(), IndexError> {
         sqlx::query(
             "INSERT INTO peers (ae_title, host, port, permissions, created_at, max_matches, \
-             narrow_queries, tls_cert_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             narrow_queries, tls_cert_sha256, tls) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (ae_title) DO UPDATE \
              SET host = excluded.host, port = excluded.port, permissions = excluded.permissions, \
              max_matches = excluded.max_matches, narrow_queries = excluded.narrow_queries, \
-             tls_cert_sha256 = excluded.tls_cert_sha256",
+             tls_cert_sha256 = excluded.tls_cert_sha256, tls = excluded.tls",
         )
         .bind(p.ae_title.as_str())
         .bind(p.host.to_string())
@@ -27,6 +27,7 @@ impl Index {
         .bind(p.max_matches.map(i64::from))
         .bind(i64::from(p.narrow_queries))
         .bind(p.tls_cert_sha256.as_deref())
+        .bind(i64::from(p.tls))
         .execute(&self.write)
         .await?;
         Ok(())
@@ -51,7 +52,7 @@ impl Index {
     pub async fn peers(&self) -> Result<Vec<Peer>, IndexError> {
         let rows = sqlx::query(
             "SELECT ae_title, host, port, permissions, max_matches, narrow_queries, \
-                 tls_cert_sha256 FROM peers ORDER BY ae_title",
+                 tls_cert_sha256, tls FROM peers ORDER BY ae_title",
         )
         .fetch_all(self.read_pool())
         .await?;
@@ -61,6 +62,7 @@ impl Index {
                 (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
             let (max_matches, narrow): (Option<i64>, i64) = (r.try_get(4)?, r.try_get(5)?);
             let tls_cert_sha256: Option<String> = r.try_get(6)?;
+            let tls: i64 = r.try_get(7)?;
             let parsed = (|| {
                 Ok::<_, String>(Peer {
                     ae_title: AeTitle::new(&ae).map_err(|e| e.to_string())?,
@@ -70,6 +72,7 @@ impl Index {
                     max_matches: max_matches.and_then(|m| u32::try_from(m).ok()),
                     narrow_queries: narrow != 0,
                     tls_cert_sha256,
+                    tls: tls != 0,
                 })
             })();
             match parsed {

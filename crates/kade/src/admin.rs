@@ -42,6 +42,7 @@ pub async fn peer(cfg: &Config, cmd: PeerCommand) -> anyhow::Result<()> {
             max_matches,
             narrow_queries,
             tls_cert_sha256,
+            tls,
         } => {
             let p = Peer {
                 ae_title: AeTitle::new(&ae_title).context("AE title")?,
@@ -64,15 +65,17 @@ pub async fn peer(cfg: &Config, cmd: PeerCommand) -> anyhow::Result<()> {
                         }
                     })
                     .transpose()?,
+                tls,
             };
             node.index.put_peer(&p).await?;
             record(
                 &node,
                 format!(
-                    "peer {} added: host {}, allow {}",
+                    "peer {} added: host {}, allow {}{}",
                     p.ae_title,
                     p.host,
-                    peer::format_permissions(&p.allow)
+                    peer::format_permissions(&p.allow),
+                    if p.tls { ", reached over TLS" } else { "" }
                 ),
             )
             .await;
@@ -112,7 +115,7 @@ pub async fn peer(cfg: &Config, cmd: PeerCommand) -> anyhow::Result<()> {
             if json {
                 let v: Vec<_> = all
                     .iter()
-                    .map(|(p, src)| serde_json::json!({"ae_title": p.ae_title, "host": p.host.to_string(), "port": p.port, "allow": p.allow, "source": src}))
+                    .map(|(p, src)| serde_json::json!({"ae_title": p.ae_title, "host": p.host.to_string(), "port": p.port, "allow": p.allow, "tls": p.tls, "source": src}))
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else if all.is_empty() {

@@ -314,7 +314,7 @@ pub struct FsckArgs {
 pub enum PeerCommand {
     /// Allow a peer (replaces an existing one with the same AE title).
     #[command(
-        after_help = "Examples:\n  kade peer add CT1 --host 10.0.0.5 --allow echo,store\n  kade peer add WS1 --host 10.1.0.0/16 --port 104 --allow echo,find,move\n  kade peer add REMOTE --host 192.0.2.7 --allow echo,find --narrow-queries --max-matches 200\n  kade peer add MODALITY --host 10.0.0.9 --allow echo,store --tls-cert-sha256 3F:A2:…"
+        after_help = "Examples:\n  kade peer add CT1 --host 10.0.0.5 --allow echo,store\n  kade peer add WS1 --host 10.1.0.0/16 --port 104 --allow echo,find,move\n  kade peer add REMOTE --host 192.0.2.7 --allow echo,find --narrow-queries --max-matches 200\n  kade peer add MODALITY --host 10.0.0.9 --allow echo,store --tls-cert-sha256 3F:A2:…\n  kade peer add REMOTEPACS --host 192.0.2.8 --port 2762 --allow echo --tls"
     )]
     Add {
         /// The peer's AE title.
@@ -338,6 +338,10 @@ pub enum PeerCommand {
         /// may then associate only over DICOM TLS with that certificate.
         #[arg(long, value_name = "FINGERPRINT")]
         tls_cert_sha256: Option<String>,
+        /// As a C-MOVE destination, reach this peer over DICOM TLS (its certificate must be
+        /// issued by a CA in dicom.tls.peer_ca).
+        #[arg(long)]
+        tls: bool,
     },
     /// List peers (from the configuration file and from `kade peer add`).
     List {

@@ -245,6 +245,11 @@ pub struct DicomTlsConfig {
     /// exactly that one. Unset: no client certificate is asked for.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// CA bundle (PEM) that certificates of C-MOVE destinations added with `--tls` must be
+    /// issued by; Kade presents its DICOM TLS certificate as client certificate. Unset: such
+    /// destinations cannot be reached (the C-MOVE fails with a message naming this key).
+    #[serde(default)]
+    pub peer_ca: Option<PathBuf>,
 }
 
 impl Default for DicomTlsConfig {

@@ -187,6 +187,46 @@ pub fn dicom_config(
     Ok(Arc::new(cfg))
 }
 
+/// A TLS client configuration for outbound DICOM TLS (C-MOVE destinations): TLS 1.2 and 1.3,
+/// server certificates verified against the CAs in `peer_ca`, and the certificate of `src`
+/// presented as client certificate.
+///
+/// # Errors
+/// When the files cannot be read or hold no usable certificate, key or CA.
+pub fn dicom_client_config(
+    src: &CertSource,
+    peer_ca: &Path,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let pem = std::fs::read(peer_ca)
+        .with_context(|| format!("cannot read dicom.tls.peer_ca {}", peer_ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots
+            .add(c.with_context(|| {
+                format!("{} is not a PEM certificate bundle", peer_ca.display())
+            })?)
+            .with_context(|| format!("{} holds an unusable CA certificate", peer_ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no CA certificate", peer_ca.display());
+    }
+    let cert_pem =
+        std::fs::read(&src.cert).with_context(|| format!("cannot read {}", src.cert.display()))?;
+    let key_pem =
+        std::fs::read(&src.key).with_context(|| format!("cannot read {}", src.key.display()))?;
+    let certs: Vec<_> =
+        rustls_pemfile::certs(&mut cert_pem.as_slice()).collect::<Result<_, _>>()?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())?.context("no private key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("TLS versions")?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .context("the key does not fit the certificate")?;
+    Ok(Arc::new(cfg))
+}
+
 /// SHA-256 of a DER certificate, as colon-separated upper-case hex.
 pub fn fingerprint(der: &[u8]) -> String {
     Sha256::digest(der)

@@ -73,16 +73,24 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let secure = if cfg.dicom.tls.enabled {
+    let dicom_cert = || -> anyhow::Result<https::CertSource> {
         let t = &cfg.dicom.tls;
-        let src = match (&t.cert, &t.key) {
+        Ok(match (&t.cert, &t.key) {
             (Some(cert), Some(key)) => https::CertSource {
                 cert: cert.clone(),
                 key: key.clone(),
                 generated: false,
             },
             _ => https::cert_source(&cfg.http, &cfg.data_dir)?,
-        };
+        })
+    };
+    let outbound_tls = match &cfg.dicom.tls.peer_ca {
+        Some(ca) => Some(https::dicom_client_config(&dicom_cert()?, ca)?),
+        None => None,
+    };
+    let secure = if cfg.dicom.tls.enabled {
+        let t = &cfg.dicom.tls;
+        let src = dicom_cert()?;
         let tls = https::dicom_config(&src, t.client_ca.as_deref())?;
         let addr = format!("{}:{}", cfg.dicom.bind, t.port);
         let listener = TcpListener::bind(&addr).await.with_context(|| {
@@ -127,6 +135,7 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     opts.max_pdu = d.max_pdu;
     opts.establish_timeout = Duration::from_secs(d.establish_timeout_secs);
     opts.read_timeout = Duration::from_secs(d.read_timeout_secs);
+    opts.outbound_tls = outbound_tls;
     let peers = PeerDirectory::new(d.peers.clone(), Some(node.index.clone()));
     let server = || {
         DimseServer::new(
