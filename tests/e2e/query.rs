@@ -773,3 +773,58 @@ async fn c_find_at_patient_level_in_the_patient_root_model() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_cancel_stops_a_c_find_in_progress() {
+    let (Some(findscu), Some(storescu)) = (tools::dcmtk("findscu"), tools::dcmtk("storescu"))
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // One study with 300 one-instance series: 300 SERIES-level matches.
+    let spec = r#gen::CtSpec::small(300, 1);
+    let files = r#gen::ct_study(dir.path(), &spec);
+    for b in backends() {
+        let node = Node::start(&b).await;
+        let o = node.dcmtk(&storescu, "STORESCU", &[], &files);
+        assert!(o.status.success(), "{}", tools::text(&o));
+        let study = format!("StudyInstanceUID={}", spec.study_uid);
+        let query = |extra: &[&str]| {
+            let mut args = vec![
+                "-v",
+                "-S",
+                "-k",
+                "QueryRetrieveLevel=SERIES",
+                "-k",
+                &study,
+                "-k",
+                "SeriesInstanceUID",
+            ];
+            args.extend_from_slice(extra);
+            tools::text(&node.dcmtk(&findscu, "FINDSCU", &args, &[]))
+        };
+        let responses = |out: &str| {
+            out.lines()
+                .filter(|l| l.contains("Find Response:") && l.contains("(Pending)"))
+                .count()
+        };
+        let all = query(&[]);
+        assert_eq!(responses(&all), 300, "[{}] {all}", b.name);
+        // findscu sends C-CANCEL after the first pending response: Kade stops and answers
+        // Cancel (FE00) long before the 300th match.
+        let cancelled = query(&["--cancel", "1"]);
+        assert!(
+            cancelled
+                .contains("Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)"),
+            "[{}] no cancel status: {cancelled}",
+            b.name
+        );
+        assert!(
+            responses(&cancelled) < 300,
+            "[{}] all matches sent despite the cancel",
+            b.name
+        );
+        // The node still answers the next query in full.
+        assert_eq!(responses(&query(&[])), 300, "[{}]", b.name);
+    }
+}
