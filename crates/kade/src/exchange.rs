@@ -29,27 +29,11 @@ use tokio::net::TcpListener;
 
 use crate::cli::{ExchangeCommand, MailboxCommand};
 use crate::config::Config;
-use crate::https;
+use crate::https::{self, write_private};
 use crate::node::Node;
 
 fn mailbox_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("mailbox")
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(0o600);
-    }
-    let mut f = o
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
 }
 
 fn unix_now() -> u64 {
@@ -892,16 +876,7 @@ async fn api_status(
     if let Err(r) = api_admin(&st, &headers, &ext, "status").await {
         return r;
     }
-    match st.node.status().await {
-        Ok(rows) => api_json(
-            axum::http::StatusCode::OK,
-            serde_json::to_value(rows).unwrap_or_default(),
-        ),
-        Err(e) => api_json(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"error": format!("{e:#}")}),
-        ),
-    }
+    api_rows(st.node.status().await)
 }
 
 async fn api_inbox(
@@ -912,7 +887,12 @@ async fn api_inbox(
     if let Err(r) = api_admin(&st, &headers, &ext, "inbox").await {
         return r;
     }
-    match st.node.inbox().await {
+    api_rows(st.node.inbox().await)
+}
+
+/// Rows as a JSON array, or 503 with the reason.
+fn api_rows<T: serde::Serialize>(rows: anyhow::Result<Vec<T>>) -> axum::response::Response {
+    match rows {
         Ok(rows) => api_json(
             axum::http::StatusCode::OK,
             serde_json::to_value(rows).unwrap_or_default(),

@@ -84,7 +84,11 @@ fn generate(dir: &Path, cert: &Path, key: &Path, extra: &[String]) -> anyhow::Re
     Ok(())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+/// Writes `bytes` to a new file readable by the owner only (0600), synced.
+///
+/// # Errors
+/// When the file cannot be written.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut o = std::fs::OpenOptions::new();
     o.write(true).create(true).truncate(true);

@@ -430,6 +430,14 @@ async fn create(
     ))
 }
 
+/// The bundle `id` sent by `who`; 404 when there is none (or it is someone else's).
+async fn own_bundle(mb: &Mailbox, id: &str, who: &str) -> Result<BundleRow, ApiError> {
+    mb.row(id)
+        .await?
+        .filter(|r| r.sender == who)
+        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no bundle {id} of yours")))
+}
+
 /// The bundle, checked to be visible to `who` (sender always; recipient once sealed).
 async fn visible(mb: &Mailbox, id: &str, who: &str) -> Result<BundleRow, ApiError> {
     let row = mb
@@ -487,11 +495,7 @@ async fn put_chunk(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let who = caller(&ext);
-    let row = mb
-        .row(&id)
-        .await?
-        .filter(|r| r.sender == who)
-        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no bundle {id} of yours")))?;
+    let row = own_bundle(&mb, &id, &who).await?;
     if row.state != "uploading" {
         return Err(err(
             StatusCode::CONFLICT,
@@ -564,11 +568,7 @@ async fn seal(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let who = caller(&ext);
-    let row = mb
-        .row(&id)
-        .await?
-        .filter(|r| r.sender == who)
-        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no bundle {id} of yours")))?;
+    let row = own_bundle(&mb, &id, &who).await?;
     if row.state != "uploading" {
         return if row.state == "sealed" || row.state == "fetched" || row.state == "acknowledged" {
             Ok(json_response(
@@ -619,11 +619,7 @@ async fn recall(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let who = caller(&ext);
-    let row = mb
-        .row(&id)
-        .await?
-        .filter(|r| r.sender == who)
-        .ok_or_else(|| err(StatusCode::NOT_FOUND, format!("no bundle {id} of yours")))?;
+    let row = own_bundle(&mb, &id, &who).await?;
     if !mb
         .set_state(&id, &["uploading", "sealed"], "recalled")
         .await?
