@@ -18,8 +18,7 @@ CREATE TABLE mailbox_bundles (
     fetched_at      BIGINT,
     acknowledged_at BIGINT,
     receipt         TEXT,                      -- the recipient's sealed receipt, base64
-    chunk_uploads   BIGINT NOT NULL DEFAULT 0, -- chunk PUTs received, resends included
-    chunk_downloads BIGINT NOT NULL DEFAULT 0
+    chunk_uploads   BIGINT NOT NULL DEFAULT 0  -- chunk PUTs received, resends included
 );
 CREATE INDEX mailbox_bundles_recipient ON mailbox_bundles (recipient, state);
 CREATE INDEX mailbox_bundles_sender ON mailbox_bundles (sender);

@@ -933,24 +933,7 @@ async fn compressed_instances_are_decompressed_on_request() {
         let status = r.status();
         assert_eq!(status, 200, "[{}] {}", b.name, r.text().await.unwrap());
         let get = |url: String, accept: &'static str| {
-            let c = c.clone();
-            let token = node.admin_token.clone();
-            async move {
-                let r = c
-                    .get(url)
-                    .bearer_auth(token)
-                    .header("accept", accept)
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status().as_u16();
-                let ct = r
-                    .headers()
-                    .get("content-type")
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .unwrap_or_default();
-                (status, ct, r.bytes().await.unwrap().to_vec())
-            }
+            get_as(c.clone(), node.admin_token.clone(), url, accept)
         };
         let (st, se, sop) = ids(&files[0]);
         let inst = format!("{base}/studies/{st}/series/{se}/instances/{sop}");
@@ -1017,19 +1000,7 @@ async fn compressed_instances_are_decompressed_on_request() {
             .unwrap();
         assert_eq!(r.status(), 200);
         let get = |url: String, accept: &'static str| {
-            let c = c.clone();
-            let token = node.admin_token.clone();
-            async move {
-                let r = c
-                    .get(url)
-                    .bearer_auth(token)
-                    .header("accept", accept)
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status().as_u16();
-                (status, (), r.bytes().await.unwrap().to_vec())
-            }
+            get_as(c.clone(), node.admin_token.clone(), url, accept)
         };
         let (st3, se3, sop3) = ids(&files[2]);
         let url = format!("{base}/studies/{st3}/series/{se3}/instances/{sop3}");
@@ -1047,4 +1018,27 @@ async fn compressed_instances_are_decompressed_on_request() {
         .await;
         assert_eq!(status, 200);
     }
+}
+
+/// GET `url` with a bearer token and an Accept header: status, content type, body.
+async fn get_as(
+    c: reqwest::Client,
+    token: String,
+    url: String,
+    accept: &'static str,
+) -> (u16, String, Vec<u8>) {
+    let r = c
+        .get(url)
+        .bearer_auth(token)
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, ct, r.bytes().await.unwrap().to_vec())
 }

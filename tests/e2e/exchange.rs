@@ -913,46 +913,38 @@ async fn relay(
     cut: Option<usize>,
     cuts: Arc<AtomicUsize>,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut ar, mut aw) = a.into_split();
-    let (mut br, mut bw) = b.into_split();
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
     let budget = Arc::new(std::sync::atomic::AtomicI64::new(
         cut.map_or(i64::MAX, |c| c as i64),
     ));
-    let (b1, b2) = (budget.clone(), budget.clone());
-    let up = async move {
-        let mut buf = vec![0u8; 8192];
-        loop {
-            let n = match ar.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if b1.fetch_sub(n as i64, Ordering::SeqCst) < n as i64 {
-                return;
-            }
-            if bw.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
-    let down = async move {
-        let mut buf = vec![0u8; 8192];
-        loop {
-            let n = match br.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            if b2.fetch_sub(n as i64, Ordering::SeqCst) < n as i64 {
-                return;
-            }
-            if aw.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
+    let up = pump(ar, bw, budget.clone());
+    let down = pump(br, aw, budget.clone());
     tokio::select! { () = up => {}, () = down => {} }
     if cut.is_some() && budget.load(Ordering::SeqCst) < 0 {
         cuts.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either ends or the shared byte `budget` runs out.
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    budget: Arc<std::sync::atomic::AtomicI64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if budget.fetch_sub(n as i64, Ordering::SeqCst) < n as i64 {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -781,8 +781,9 @@ async fn c_cancel_stops_a_c_find_in_progress() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    // One study with 300 one-instance series: 300 SERIES-level matches.
-    let spec = r#gen::CtSpec::small(300, 1);
+    // One study with 900 one-instance series: 900 SERIES-level matches (below the default
+    // cap of 1,000), enough that the cancel arrives while the responses still flow.
+    let spec = r#gen::CtSpec::small(900, 1);
     let files = r#gen::ct_study(dir.path(), &spec);
     for b in backends() {
         let node = Node::start(&b).await;
@@ -809,9 +810,9 @@ async fn c_cancel_stops_a_c_find_in_progress() {
                 .count()
         };
         let all = query(&[]);
-        assert_eq!(responses(&all), 300, "[{}] {all}", b.name);
+        assert_eq!(responses(&all), 900, "[{}] {all}", b.name);
         // findscu sends C-CANCEL after the first pending response: Kade stops and answers
-        // Cancel (FE00) long before the 300th match.
+        // Cancel (FE00) long before the last match.
         let cancelled = query(&["--cancel", "1"]);
         assert!(
             cancelled
@@ -820,11 +821,11 @@ async fn c_cancel_stops_a_c_find_in_progress() {
             b.name
         );
         assert!(
-            responses(&cancelled) < 300,
+            responses(&cancelled) < 900,
             "[{}] all matches sent despite the cancel",
             b.name
         );
         // The node still answers the next query in full.
-        assert_eq!(responses(&query(&[])), 300, "[{}]", b.name);
+        assert_eq!(responses(&query(&[])), 900, "[{}]", b.name);
     }
 }

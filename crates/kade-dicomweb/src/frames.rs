@@ -91,7 +91,7 @@ pub async fn frames(
         None => true,
         Some(ts) => ts == &stored_ts,
     };
-    let decompress = !as_stored && !is_native(&stored_ts);
+    let decompress = !as_stored && !kade_core::transcode::is_native(&stored_ts);
     if decompress && !kade_pixel::can_decode_layout(&stored_ts, row.bits_allocated) {
         return Err(ApiError::NotAcceptable(format!(
             "the frames are stored compressed ({stored_ts}), which Kade cannot decompress; ask \
@@ -150,17 +150,6 @@ fn pixel_error(e: kade_pixel::PixelError) -> ApiError {
         P::Encode(_) => ApiError::Internal(e.to_string()),
         _ => ApiError::NotAcceptable(e.to_string()),
     }
-}
-
-/// Whether a transfer syntax carries native (uncompressed) pixel data.
-fn is_native(ts: &str) -> bool {
-    matches!(
-        ts,
-        "1.2.840.10008.1.2"
-            | "1.2.840.10008.1.2.1"
-            | "1.2.840.10008.1.2.2"
-            | "1.2.840.10008.1.2.1.99"
-    )
 }
 
 /// An instance's pixel data, parsed from its blob.

@@ -202,7 +202,9 @@ async fn retrieve(
                 let stored_ts = r.transfer_syntax_uid.clone();
                 let out = match blob {
                     Ok(blob) => tokio::task::spawn_blocking(move || {
-                        crate::wado::re_encode(&blob, &stored_ts, t)
+                        kade_pixel::to_native(&blob, &stored_ts, t).inspect_err(
+                            |e| tracing::warn!(error = %e, "WADO-RS: cannot re-encode"),
+                        )
                     })
                     .await
                     .ok()
@@ -255,24 +257,6 @@ async fn retrieve(
             .map_err(|e| ApiError::Internal(format!("content type: {e}")))?,
     );
     Ok(res)
-}
-
-/// `blob`, stored in transfer syntax `stored`, in native transfer syntax `target` (Explicit
-/// or Implicit VR Little Endian): re-encoded when stored natively, decompressed by kade-pixel when stored compressed.
-pub(crate) fn re_encode(blob: &[u8], stored: &str, target: &str) -> Result<Vec<u8>, String> {
-    use kade_core::transcode::{IMPLICIT_LE, is_native};
-    if is_native(stored) {
-        return kade_core::transcode::to_native(blob, target).map_err(|e| e.to_string());
-    }
-    let out = if target == IMPLICIT_LE {
-        kade_pixel::to_implicit_le(blob)
-    } else {
-        kade_pixel::to_explicit_le(blob)
-    };
-    out.map_err(|e| {
-        tracing::warn!(error = %e, "cannot decompress for WADO-RS");
-        e.to_string()
-    })
 }
 
 /// `GET /studies/{study}`.

@@ -656,22 +656,24 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 // The destination takes this class neither as stored nor re-encoded.
                 None => None,
                 Some((ctx, target)) => match self.ctx.ingest.store().get(&i.blob_key).await {
-                    Ok(blob) => match c_move::prepared(blob, target).await {
-                        Some(blob) => match c_move::dataset_of(&blob) {
-                            Some(ds) => out
-                                .store_on(
-                                    ctx,
-                                    &i.sop_class_uid,
-                                    &i.sop_uid,
-                                    ds,
-                                    Some((calling, message_id)),
-                                )
-                                .await
-                                .ok(),
+                    Ok(blob) => {
+                        match c_move::prepared(blob, &i.transfer_syntax_uid, target).await {
+                            Some(blob) => match c_move::dataset_of(&blob) {
+                                Some(ds) => out
+                                    .store_on(
+                                        ctx,
+                                        &i.sop_class_uid,
+                                        &i.sop_uid,
+                                        ds,
+                                        Some((calling, message_id)),
+                                    )
+                                    .await
+                                    .ok(),
+                                None => None,
+                            },
                             None => None,
-                        },
-                        None => None,
-                    },
+                        }
+                    }
                     Err(e) => {
                         tracing::error!(sop = %i.sop_uid, error = %e, "cannot read blob for C-MOVE");
                         None
@@ -856,7 +858,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             );
             let blob = match chosen {
                 Some((_, target)) => match self.ctx.ingest.store().get(&i.blob_key).await {
-                    Ok(b) => c_move::prepared(b, target).await,
+                    Ok(b) => c_move::prepared(b, &i.transfer_syntax_uid, target).await,
                     Err(_) => None,
                 },
                 None => None,

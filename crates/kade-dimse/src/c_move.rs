@@ -203,31 +203,27 @@ pub fn choose(
         .find_map(|t| context(class, t).map(|pc| (pc, Some(t))))
 }
 
-/// The blob to send: as stored, or re-encoded to `target` (in a blocking task).
-pub async fn prepared(blob: bytes::Bytes, target: Option<&'static str>) -> Option<bytes::Bytes> {
+/// The blob to send: as stored, or, stored in `stored`, re-encoded (decompressed when needed)
+/// to `target` in a blocking task.
+pub async fn prepared(
+    blob: bytes::Bytes,
+    stored: &str,
+    target: Option<&'static str>,
+) -> Option<bytes::Bytes> {
     match target {
         None => Some(blob),
-        Some(t) => tokio::task::spawn_blocking(move || {
-            let native = kade_core::transcode::to_native(&blob, t);
-            let out = match native {
-                Ok(b) => Ok(b),
-                // Stored compressed: decompress (kade-pixel).
-                Err(kade_core::transcode::TranscodeError::Compressed(_)) => {
-                    if t == kade_core::transcode::IMPLICIT_LE {
-                        kade_pixel::to_implicit_le(&blob).map_err(|e| e.to_string())
-                    } else {
-                        kade_pixel::to_explicit_le(&blob).map_err(|e| e.to_string())
-                    }
-                }
-                Err(e) => Err(e.to_string()),
-            };
-            out.map_err(|e| tracing::warn!(error = %e, "cannot re-encode for the destination"))
-                .ok()
-                .map(bytes::Bytes::from)
-        })
-        .await
-        .ok()
-        .flatten(),
+        Some(t) => {
+            let stored = stored.to_owned();
+            tokio::task::spawn_blocking(move || {
+                kade_pixel::to_native(&blob, &stored, t)
+                    .map_err(|e| tracing::warn!(error = %e, "cannot re-encode for the destination"))
+                    .ok()
+                    .map(bytes::Bytes::from)
+            })
+            .await
+            .ok()
+            .flatten()
+        }
     }
 }
 

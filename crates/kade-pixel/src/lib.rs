@@ -78,6 +78,27 @@ pub struct FrameInfo {
     pub planar_configuration: u16,
 }
 
+/// `part10`, stored in transfer syntax `stored`, in the native transfer syntax `target`
+/// (Explicit or Implicit VR Little Endian): re-encoded without a codec when `stored` is native
+/// ([`kade_core::transcode::to_native`]), decompressed ([`to_explicit_le`],
+/// [`to_implicit_le`]) otherwise. The one place WADO-RS and C-MOVE/C-GET turn an instance into
+/// what the client accepts.
+///
+/// # Errors
+/// The reason, as text, when the instance cannot be re-encoded or decoded.
+pub fn to_native(part10: &[u8], stored: &str, target: &str) -> Result<Vec<u8>, String> {
+    use kade_core::transcode::{IMPLICIT_LE, is_native};
+    if is_native(stored) {
+        return kade_core::transcode::to_native(part10, target).map_err(|e| e.to_string());
+    }
+    let out = if target == IMPLICIT_LE {
+        to_implicit_le(part10)
+    } else {
+        to_explicit_le(part10)
+    };
+    out.map_err(|e| e.to_string())
+}
+
 /// Whether an instance stored in transfer syntax `ts` with `bits_allocated` (when known) can be
 /// decoded here: [`can_decode`] without the layouts known to fail (JPEG Extended with more than
 /// 8 bits, RLE with 32-bit samples).

@@ -513,13 +513,9 @@ async fn put_chunk(
     }
     let sha = hex::encode(Sha256::digest(&body));
     // Every upload that reaches here counts, resends of held chunks included, so the count
-    // shows how much a resumed transfer sent again.
-    sqlx::query(
-        "UPDATE mailbox_bundles SET chunk_uploads = chunk_uploads + 1 WHERE bundle_id = $1",
-    )
-    .bind(&id)
-    .execute(&mut *mb.index.acquire_write().await?)
-    .await?;
+    // shows how much a resumed transfer sent again; a new chunk's row and the count go in
+    // one write transaction.
+    let count = "UPDATE mailbox_bundles SET chunk_uploads = chunk_uploads + 1 WHERE bundle_id = $1";
     let existing =
         sqlx::query("SELECT sha256 FROM mailbox_chunks WHERE bundle_id = $1 AND idx = $2")
             .bind(&id)
@@ -528,6 +524,10 @@ async fn put_chunk(
             .await?;
     if let Some(r) = existing {
         let have: String = r.try_get(0)?;
+        sqlx::query(count)
+            .bind(&id)
+            .execute(&mut *mb.index.acquire_write().await?)
+            .await?;
         if have == sha {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
@@ -547,7 +547,7 @@ async fn put_chunk(
     mb.store
         .put_bytes(&BlobKey::exchange_chunk(&id, index), body)
         .await?;
-    let mut conn = mb.index.acquire_write().await?;
+    let mut tx = mb.index.begin_write().await?;
     sqlx::query(
         "INSERT INTO mailbox_chunks (bundle_id, idx, size, sha256) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (bundle_id, idx) DO NOTHING",
@@ -556,8 +556,10 @@ async fn put_chunk(
     .bind(i64::from(index))
     .bind(len)
     .bind(&sha)
-    .execute(&mut *conn)
+    .execute(&mut *tx)
     .await?;
+    sqlx::query(count).bind(&id).execute(&mut *tx).await?;
+    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -682,13 +684,6 @@ async fn get_chunk(
         .store
         .get(BlobKey::exchange_chunk(&id, index).as_str())
         .await?;
-    let mut conn = mb.index.acquire_write().await?;
-    sqlx::query(
-        "UPDATE mailbox_bundles SET chunk_downloads = chunk_downloads + 1 WHERE bundle_id = $1",
-    )
-    .bind(&id)
-    .execute(&mut *conn)
-    .await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
         bytes,

@@ -133,10 +133,9 @@ impl ExchangeNode {
     /// When the study is not stored here.
     pub async fn prepare(&self, req: &SendRequest) -> anyhow::Result<Prepared> {
         let rows = sqlx::query(
-            "SELECT i.sop_uid, se.series_uid, i.blob_key, i.sha256, i.size_bytes, m.json, \
-             se.modality FROM instances i \
+            "SELECT i.sop_uid, se.series_uid, i.blob_key, i.sha256, i.size_bytes, se.modality \
+             FROM instances i \
              JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = se.study_fk \
-             JOIN instance_metadata m ON m.instance_fk = i.id \
              WHERE st.study_uid = $1 ORDER BY se.series_uid, i.instance_number, i.sop_uid",
         )
         .bind(&req.study_uid)
@@ -153,7 +152,6 @@ impl ExchangeNode {
         let mut series = BTreeSet::new();
         let mut modalities = BTreeSet::new();
         let mut bytes = 0u64;
-        let mut first: Option<serde_json::Value> = None;
         for r in &rows {
             let (sop, se, key, sha, size): (String, String, String, String, i64) = (
                 r.try_get(0)?,
@@ -162,11 +160,7 @@ impl ExchangeNode {
                 r.try_get(3)?,
                 r.try_get(4)?,
             );
-            if first.is_none() {
-                let json: String = r.try_get(5)?;
-                first = Some(serde_json::from_str(&json).context("stored metadata")?);
-            }
-            if let Some(m) = r.try_get::<Option<String>, _>(6)? {
+            if let Some(m) = r.try_get::<Option<String>, _>(5)? {
                 modalities.insert(m);
             }
             let mut digest = [0u8; 32];
@@ -183,7 +177,15 @@ impl ExchangeNode {
             });
             blobs.push(key);
         }
-        let meta = first.unwrap_or_default();
+        // Patient and study attributes from the first instance's stored DICOM JSON.
+        let meta: serde_json::Value = match self
+            .index
+            .instance_metadata(&instances[0].sop_instance_uid)
+            .await?
+        {
+            Some(json) => serde_json::from_str(&json).context("stored metadata")?,
+            None => serde_json::Value::Null,
+        };
         let nid = national_id(&meta);
         let patient = Patient {
             id: json_text(&meta, "00100020").unwrap_or_default(),
