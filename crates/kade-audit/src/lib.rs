@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`AuditEvent`], [`EventKind`], [`Outcome`]: what is recorded.
 //! - [`append`]: adds an entry inside a caller's transaction (the ingest path records the
-//!   stored instance in the same commit as its index row).
+//!   stored instance in the same commit as its index row); [`Chain`] does the same for a
+//!   writer that appends many entries in one transaction.
 //! - [`Audit`]: a handle that records an entry in a transaction of its own.
 //! - [`verify`]: walks the chain and reports the first entry that does not match.
 //!
@@ -18,7 +19,7 @@
 //! Entries identify patients by Patient ID only. Names never enter the audit log or the
 //! process logs.
 
-use kade_index::{Index, IndexError};
+use kade_index::{Index, IndexError, write};
 use sha2::{Digest, Sha256};
 use sqlx::{AnyConnection, Row};
 
@@ -161,40 +162,117 @@ impl AuditEvent {
 /// # Errors
 /// Database errors; the caller must then roll back.
 pub async fn append(conn: &mut AnyConnection, ev: &AuditEvent) -> Result<i64, IndexError> {
-    let head = sqlx::query("UPDATE audit_head SET seq = seq + 1 WHERE id = 1 RETURNING seq, hash")
-        .fetch_one(&mut *conn)
-        .await?;
-    let (seq, prev): (i64, String) = (head.try_get(0)?, head.try_get(1)?);
-    let at = kade_index::now();
-    let hash = chain_hash(&prev, seq, &at, ev);
-    sqlx::query(
-        "INSERT INTO audit_log (seq, at, event, outcome, actor, actor_address, patient_id, \
-         study_uid, sop_uid, detail, prev_hash, hash) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-    )
-    .bind(seq)
-    .bind(&at)
-    .bind(ev.kind.as_str())
-    .bind(ev.outcome.as_str())
-    .bind(&ev.actor)
-    .bind(ev.actor_address.as_deref())
-    .bind(ev.patient_id.as_deref())
-    .bind(ev.study_uid.as_deref())
-    .bind(ev.sop_uid.as_deref())
-    .bind(ev.detail.as_deref())
-    .bind(&prev)
-    .bind(&hash)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
-        .bind(&hash)
-        .execute(&mut *conn)
-        .await?;
-    Ok(seq)
+    let mut chain = Chain::lock(conn).await?;
+    let entry = chain.chain(ev);
+    write::insert_audit(conn, &entry.row()).await?;
+    chain.advance(&entry);
+    chain.store(conn).await?;
+    Ok(entry.0.seq)
 }
 
-fn chain_hash(prev: &str, seq: i64, at: &str, ev: &AuditEvent) -> String {
-    entry_hash(&Entry {
+/// The head of the chain, held by a writer that appends several entries in one transaction
+/// (ingest's group commit): locked and read once, advanced in memory entry by entry, stored
+/// once before the commit.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    seq: i64,
+    hash: String,
+    advanced: bool,
+}
+
+/// An entry chained onto a [`Chain`] but not yet written (see [`Chained::row`]).
+#[derive(Debug, Clone)]
+pub struct Chained(Entry);
+
+impl Chained {
+    /// The entry as the index writes it.
+    pub fn row(&self) -> write::AuditRow<'_> {
+        let e = &self.0;
+        write::AuditRow {
+            seq: e.seq,
+            at: &e.at,
+            event: &e.event,
+            outcome: &e.outcome,
+            actor: &e.actor,
+            actor_address: e.actor_address.as_deref(),
+            patient_id: e.patient_id.as_deref(),
+            study_uid: e.study_uid.as_deref(),
+            sop_uid: e.sop_uid.as_deref(),
+            detail: e.detail.as_deref(),
+            prev_hash: &e.prev_hash,
+            hash: &e.hash,
+        }
+    }
+}
+
+impl Chain {
+    /// Reads the head inside the caller's transaction, taking the database's write lock (a
+    /// no-op update), so that no other writer can append until the transaction ends.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn lock(conn: &mut AnyConnection) -> Result<Chain, IndexError> {
+        let head = sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, hash")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(Chain {
+            seq: head.try_get(0)?,
+            hash: head.try_get(1)?,
+            advanced: false,
+        })
+    }
+
+    /// A chain continuing from a head read earlier (`seq`, `hash`), without locking: for a
+    /// writer whose commit fails if another writer appended since (the next sequence number is
+    /// then taken), such as `kade_index::write::commit_batch_sqlite`.
+    pub fn resume(seq: i64, hash: String) -> Chain {
+        Chain {
+            seq,
+            hash,
+            advanced: false,
+        }
+    }
+
+    /// The sequence number and hash of the last entry.
+    pub fn head(&self) -> (i64, &str) {
+        (self.seq, &self.hash)
+    }
+
+    /// The next entry for `ev`; the chain moves on only with [`Chain::advance`], once the
+    /// entry is written.
+    pub fn chain(&self, ev: &AuditEvent) -> Chained {
+        let seq = self.seq + 1;
+        let at = kade_index::now();
+        let mut entry = chained_entry(&self.hash, seq, &at, ev);
+        entry.hash = entry_hash(&entry);
+        Chained(entry)
+    }
+
+    /// Moves the head to `entry`, which the caller has written.
+    pub fn advance(&mut self, entry: &Chained) {
+        self.seq = entry.0.seq;
+        self.hash.clone_from(&entry.0.hash);
+        self.advanced = true;
+    }
+
+    /// Writes the head back, if it moved.
+    ///
+    /// # Errors
+    /// Database errors; the caller must then roll back.
+    pub async fn store(&self, conn: &mut AnyConnection) -> Result<(), IndexError> {
+        if self.advanced {
+            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                .bind(self.seq)
+                .bind(&self.hash)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn chained_entry(prev: &str, seq: i64, at: &str, ev: &AuditEvent) -> Entry {
+    Entry {
         seq,
         at: at.to_owned(),
         event: ev.kind.as_str().to_owned(),
@@ -207,7 +285,7 @@ fn chain_hash(prev: &str, seq: i64, at: &str, ev: &AuditEvent) -> String {
         detail: ev.detail.clone(),
         prev_hash: prev.to_owned(),
         hash: String::new(),
-    })
+    }
 }
 
 /// A stored audit entry.

@@ -93,6 +93,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "peer outbound tls",
         include_str!("../../../migrations/sqlite/0006_peer_outbound_tls.sql"),
     ),
+    (
+        7,
+        "index sync",
+        include_str!("../../../migrations/sqlite/0007_index_sync.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -124,6 +129,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "peer outbound tls",
         include_str!("../../../migrations/postgres/0006_peer_outbound_tls.sql"),
+    ),
+    (
+        7,
+        "index sync",
+        include_str!("../../../migrations/postgres/0007_index_sync.sql"),
     ),
 ];
 
@@ -224,6 +234,42 @@ impl Index {
     /// When no connection can be had.
     pub async fn acquire_write(&self) -> Result<sqlx::pool::PoolConnection<Any>, IndexError> {
         Ok(self.write.acquire().await?)
+    }
+
+    /// Makes commits on `conn` wait for the database's sync (`durable`, the default) or not.
+    /// Without it a commit is safe from a crash of Kade but not from a power cut or a kernel
+    /// crash, until [`Index::sync_barrier`] or any durable commit after it. SQLite: `PRAGMA
+    /// synchronous` NORMAL (WAL) or FULL; PostgreSQL: `synchronous_commit` off or on. Call it
+    /// outside a transaction.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn set_durable_commits(
+        &self,
+        conn: &mut AnyConnection,
+        durable: bool,
+    ) -> Result<(), sqlx::Error> {
+        let sql = match (self.backend, durable) {
+            (Backend::Sqlite, true) => "PRAGMA synchronous = FULL",
+            (Backend::Sqlite, false) => "PRAGMA synchronous = NORMAL",
+            (Backend::Postgres, true) => "SET synchronous_commit TO on",
+            (Backend::Postgres, false) => "SET synchronous_commit TO off",
+        };
+        conn.execute(sql).await.map(|_| ())
+    }
+
+    /// Commits a one-row write durably on `conn` (which must make durable commits), making
+    /// every earlier commit of the database durable too: both databases sync their log in
+    /// order.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn sync_barrier(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE index_sync SET synced_at = $1 WHERE id = 1")
+            .bind(now())
+            .execute(conn)
+            .await
+            .map(|_| ())
     }
 
     /// Whether `e` may have ended the database's transaction behind sqlx's back (SQLite rolls

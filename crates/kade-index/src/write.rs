@@ -1,7 +1,7 @@
 //! Writing instances into the index, inside a transaction the caller owns.
 
 use kade_core::{InstanceAttributes, attrs::search_key};
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, Executor, Row};
 
 use crate::IndexError;
 
@@ -119,33 +119,15 @@ async fn insert_placed(
     let a = rec.attrs;
     let Placement { study, series } = placement;
 
-    let id: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO instances (sop_uid, series_fk, sop_class_uid, instance_number, pixel_rows, \
-         pixel_columns, number_of_frames, bits_allocated, transfer_syntax_uid, \
-         specific_character_set, blob_key, size_bytes, sha256, dataset_sha256, received_at, \
-         source_ae, source_address) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-         ON CONFLICT (sop_uid) DO NOTHING RETURNING id",
-    )
-    .bind(a.sop_instance_uid.as_str())
-    .bind(series)
-    .bind(a.sop_class_uid.as_str())
-    .bind(a.instance_number)
-    .bind(a.rows)
-    .bind(a.columns)
-    .bind(a.number_of_frames)
-    .bind(a.bits_allocated)
-    .bind(rec.transfer_syntax_uid)
-    .bind(a.specific_character_set.as_deref())
-    .bind(rec.blob_key)
-    .bind(rec.size_bytes as i64)
-    .bind(rec.sha256)
-    .bind(rec.dataset_sha256)
-    .bind(now)
-    .bind(rec.source_ae)
-    .bind(rec.source_address)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let sql = format!(
+        "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) \
+         ON CONFLICT (sop_uid) DO NOTHING RETURNING id"
+    );
+    let id: Option<i64> = bind_instance(sqlx::query(&sql), rec, series, now)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()?;
     let Some(id) = id else {
         // Inserted concurrently by another node since the check above.
         let existing = find_instance(tx, a.sop_instance_uid.as_str()).await?;
@@ -182,6 +164,260 @@ async fn insert_placed(
     .execute(&mut *tx)
     .await?;
     Ok(InsertOutcome::Inserted { id })
+}
+
+/// An audit log entry, already chained (see `kade_audit::Chain`), ready to be written.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditRow<'a> {
+    /// Sequence number.
+    pub seq: i64,
+    /// When (RFC 3339 UTC).
+    pub at: &'a str,
+    /// Event name.
+    pub event: &'a str,
+    /// Outcome name.
+    pub outcome: &'a str,
+    /// Who.
+    pub actor: &'a str,
+    /// From where.
+    pub actor_address: Option<&'a str>,
+    /// Patient ID.
+    pub patient_id: Option<&'a str>,
+    /// Study Instance UID.
+    pub study_uid: Option<&'a str>,
+    /// SOP Instance UID.
+    pub sop_uid: Option<&'a str>,
+    /// Free text.
+    pub detail: Option<&'a str>,
+    /// Hash of the previous entry.
+    pub prev_hash: &'a str,
+    /// This entry's hash.
+    pub hash: &'a str,
+}
+
+/// The columns of an audit entry, in the order [`bind_audit`] binds them.
+const AUDIT_COLUMNS: &str = "seq, at, event, outcome, actor, actor_address, patient_id, \
+                             study_uid, sop_uid, detail, prev_hash, hash";
+
+fn bind_audit<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    e: &AuditRow<'q>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    q.bind(e.seq)
+        .bind(e.at)
+        .bind(e.event)
+        .bind(e.outcome)
+        .bind(e.actor)
+        .bind(e.actor_address)
+        .bind(e.patient_id)
+        .bind(e.study_uid)
+        .bind(e.sop_uid)
+        .bind(e.detail)
+        .bind(e.prev_hash)
+        .bind(e.hash)
+}
+
+/// Writes an audit entry.
+///
+/// # Errors
+/// Database errors.
+pub async fn insert_audit(conn: &mut AnyConnection, e: &AuditRow<'_>) -> Result<(), IndexError> {
+    let sql = format!(
+        "INSERT INTO audit_log ({AUDIT_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    );
+    bind_audit(sqlx::query(&sql), e).execute(conn).await?;
+    Ok(())
+}
+
+/// [`insert_into_series`] and the instance's audit entry in one round trip to the database
+/// (SQLite: one multi-statement query; PostgreSQL: one statement of data-modifying CTEs),
+/// which is what makes the ingest group commit fast. Returns the new row id.
+///
+/// # Errors
+/// Database errors, including a unique-constraint violation when the SOP Instance UID is
+/// indexed already, which leaves the transaction for the caller to roll back (to a savepoint).
+pub async fn insert_into_series_audited(
+    conn: &mut AnyConnection,
+    rec: &NewInstance<'_>,
+    placement: Placement,
+    audit: &AuditRow<'_>,
+) -> Result<i64, IndexError> {
+    let sqlite = conn.backend_name() == "SQLite";
+    let sql = if sqlite {
+        format!(
+            "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) RETURNING id; \
+             INSERT INTO instance_metadata (instance_fk, json) VALUES (last_insert_rowid(), $18); \
+             {UPDATE_SERIES}; {UPDATE_STUDY}; \
+             INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ({AUDIT_VALUES})"
+        )
+    } else {
+        format!(
+            "WITH ins AS (INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) \
+             RETURNING id), \
+             meta AS (INSERT INTO instance_metadata (instance_fk, json) SELECT id, $18 FROM ins), \
+             se AS ({UPDATE_SERIES}), st AS ({UPDATE_STUDY}), \
+             au AS (INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ({AUDIT_VALUES})) \
+             SELECT id FROM ins"
+        )
+    };
+    let q = bind_instance(sqlx::query(&sql), rec, placement.series, &crate::now())
+        .bind(rec.metadata_json)
+        .bind(placement.study);
+    // `fetch_all`: every statement of a multi-statement query runs only if the rows are drained.
+    let rows = bind_audit(q, audit).fetch_all(&mut *conn).await?;
+    let row = rows.first().ok_or_else(|| {
+        IndexError::Db(sqlx::Error::Protocol(
+            "instance insert returned no id".into(),
+        ))
+    })?;
+    Ok(row.try_get(0)?)
+}
+
+/// One instance of [`commit_batch_sqlite`].
+#[derive(Debug, Clone)]
+pub struct BatchItem<'a> {
+    /// The instance.
+    pub rec: NewInstance<'a>,
+    /// Its series and study rows, which exist.
+    pub placement: Placement,
+    /// Its audit entry.
+    pub audit: AuditRow<'a>,
+}
+
+/// SQLite only: commits instances into series whose rows exist, with their audit entries and
+/// the audit chain's new head (`head`: sequence number and hash after the last entry), in one
+/// round trip to the database: one multi-statement query from `BEGIN` to `COMMIT`. With
+/// `durable: false` the commit does not wait for the sync (`synchronous` NORMAL for this
+/// commit, FULL again after it). Returns the new row ids in order (`Ok(Err(_))`: rolled back).
+///
+/// Every statement must succeed, or nothing is committed: a SOP Instance UID indexed already
+/// (unique constraint), a series row gone (foreign key), or an audit chain that another writer
+/// has moved on since `head` was read (the entries' sequence numbers exist: primary key).
+/// The caller then runs the batch again the slow way, which tells these apart.
+///
+/// # Errors
+/// Only when a failed batch could not be rolled back or the connection could not be put back
+/// to durable commits: the caller must then close the connection.
+pub async fn commit_batch_sqlite(
+    conn: &mut AnyConnection,
+    items: &[BatchItem<'_>],
+    head: (i64, &str),
+    durable: bool,
+) -> Result<Result<Vec<i64>, IndexError>, IndexError> {
+    const PER_ITEM: usize = 31;
+    let mut sql = String::with_capacity(items.len() * 1200 + 200);
+    if !durable {
+        sql.push_str("PRAGMA synchronous = NORMAL; ");
+    }
+    sql.push_str("BEGIN; ");
+    let item = format!(
+        "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) RETURNING id; \
+         INSERT INTO instance_metadata (instance_fk, json) VALUES (last_insert_rowid(), $18); \
+         {UPDATE_SERIES}; {UPDATE_STUDY}; \
+         INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ({AUDIT_VALUES}); "
+    );
+    for k in 0..items.len() {
+        renumber(&item, k * PER_ITEM, &mut sql);
+    }
+    let n = items.len() * PER_ITEM;
+    sql.push_str(&format!(
+        "UPDATE audit_head SET seq = ${}, hash = ${} WHERE id = 1; COMMIT",
+        n + 1,
+        n + 2
+    ));
+    if !durable {
+        sql.push_str("; PRAGMA synchronous = FULL");
+    }
+    let now = crate::now();
+    let mut q = sqlx::query(&sql);
+    for it in items {
+        q = bind_instance(q, &it.rec, it.placement.series, &now)
+            .bind(it.rec.metadata_json)
+            .bind(it.placement.study);
+        q = bind_audit(q, &it.audit);
+    }
+    let q = q.bind(head.0).bind(head.1);
+    // `fetch_all`: every statement of a multi-statement query runs only if the rows are drained.
+    match q.fetch_all(&mut *conn).await {
+        // Every statement ran, so every row is committed: the ids are for information.
+        Ok(rows) => Ok(Ok(rows
+            .iter()
+            .map(|r| r.try_get(0).unwrap_or_default())
+            .collect())),
+        Err(e) => {
+            let undo = if durable {
+                "ROLLBACK"
+            } else {
+                "ROLLBACK; PRAGMA synchronous = FULL"
+            };
+            // Without an open transaction ROLLBACK fails harmlessly; the PRAGMA must not.
+            if let Err(r) = conn.execute(undo).await {
+                if !durable && !r.to_string().contains("no transaction") {
+                    return Err(IndexError::Db(r));
+                }
+                if !durable {
+                    conn.execute("PRAGMA synchronous = FULL").await?;
+                }
+            }
+            Ok(Err(e.into()))
+        }
+    }
+}
+
+/// Appends `template` to `out` with every `$N` placeholder shifted to `$(N + by)`.
+fn renumber(template: &str, by: usize, out: &mut String) {
+    let mut rest = template;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let n: usize = rest[..digits].parse().expect("placeholders are $N");
+        out.push_str(&(n + by).to_string());
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+}
+
+/// Instance columns, bound by [`bind_instance`] as `$1`…`$17`.
+const INSTANCE_COLUMNS: &str = "sop_uid, series_fk, sop_class_uid, instance_number, pixel_rows, \
+     pixel_columns, number_of_frames, bits_allocated, transfer_syntax_uid, \
+     specific_character_set, blob_key, size_bytes, sha256, dataset_sha256, received_at, \
+     source_ae, source_address";
+const INSTANCE_VALUES: &str =
+    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17";
+/// The series' counts (`$2` series id, `$12` size, `$15` time).
+const UPDATE_SERIES: &str = "UPDATE series SET num_instances = num_instances + 1, \
+     size_bytes = size_bytes + $12, updated_at = $15 WHERE id = $2";
+/// The study's counts for an instance of a known series (`$19` study id).
+const UPDATE_STUDY: &str = "UPDATE studies SET num_instances = num_instances + 1, \
+     size_bytes = size_bytes + $12, updated_at = $15 WHERE id = $19";
+const AUDIT_VALUES: &str = "$20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31";
+
+fn bind_instance<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    rec: &NewInstance<'q>,
+    series: i64,
+    now: &str,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let a = rec.attrs;
+    q.bind(a.sop_instance_uid.as_str())
+        .bind(series)
+        .bind(a.sop_class_uid.as_str())
+        .bind(a.instance_number)
+        .bind(a.rows)
+        .bind(a.columns)
+        .bind(a.number_of_frames)
+        .bind(a.bits_allocated)
+        .bind(rec.transfer_syntax_uid)
+        .bind(a.specific_character_set.as_deref())
+        .bind(rec.blob_key)
+        .bind(rec.size_bytes as i64)
+        .bind(rec.sha256)
+        .bind(rec.dataset_sha256)
+        .bind(now.to_owned())
+        .bind(rec.source_ae)
+        .bind(rec.source_address)
 }
 
 /// Removes an instance row (its metadata goes with it) and updates the derived counts.
@@ -396,6 +632,13 @@ fn add_modality(set: &str, modality: Option<&str>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn placeholders_are_renumbered() {
+        let mut out = String::new();
+        super::renumber("VALUES ($1, $12); x = $3", 31, &mut out);
+        assert_eq!(out, "VALUES ($32, $43); x = $34");
+    }
+
     #[test]
     fn modality_set() {
         assert_eq!(super::add_modality("", Some("CT")), "CT");

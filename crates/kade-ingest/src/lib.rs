@@ -13,6 +13,9 @@
 //!   entry, in the same transaction) is committed.
 //! - A failure at any step leaves no index row without a blob. A crash between storing the
 //!   blob and committing the row leaves an orphan blob, which `kade fsck` finds and removes.
+//! - On the local backend the index commit does not wait for the database's sync: the blob is
+//!   named in the store's journal until a later sync covers its row, and [`Ingest::recover`]
+//!   re-indexes journaled blobs whose rows a power cut lost (see the `commit` module).
 //! - The same instance sent twice is stored once; both sends succeed. A *different* object
 //!   with an existing SOP Instance UID is handled by [`DuplicatePolicy`] and audited.
 
@@ -27,7 +30,7 @@ use kade_index::{
     Index, IndexError,
     write::{self, InsertOutcome},
 };
-use kade_store::{BlobKey, BlobStore, StoreError};
+use kade_store::{BlobKey, BlobStore, Payload, StoreError};
 
 pub use incoming::{Expected, Incoming};
 
@@ -118,7 +121,7 @@ impl Ingest {
     /// # Panics
     /// Outside a Tokio runtime (the group-commit task is spawned here).
     pub fn new(store: BlobStore, index: Index, policy: DuplicatePolicy) -> Self {
-        let committer = commit::Committer::start(index.clone());
+        let committer = commit::Committer::start(index.clone(), store.clone());
         Ingest {
             store,
             index,
@@ -194,15 +197,7 @@ impl Ingest {
         );
 
         // A resend is answered from the index alone.
-        let existing = {
-            let mut conn = self
-                .index
-                .read_pool()
-                .acquire()
-                .await
-                .map_err(IndexError::from)?;
-            write::find_instance(&mut conn, a.sop_instance_uid.as_str()).await?
-        };
+        let existing = self.indexed(a.sop_instance_uid.as_str()).await?;
         let replacing = match existing {
             Some(e) if e.dataset_sha256 == dataset_sha256 => {
                 tracing::debug!(sop = %a.sop_instance_uid, "identical instance already stored");
@@ -218,10 +213,11 @@ impl Ingest {
         };
 
         let t_parsed = t0.elapsed();
-        match received {
-            incoming::Received::Memory(b) => self.store.put_bytes(&key, b).await?,
-            incoming::Received::File(f) => self.store.put_spooled(&key, f).await?,
-        }
+        let payload = match received {
+            incoming::Received::Memory(b) => Payload::Bytes(b),
+            incoming::Received::File(f) => Payload::Spooled(f),
+        };
+        let marker = self.store.put_journaled(&key, payload).await?;
         let t_stored = t0.elapsed();
         let rec = commit::Record {
             attrs: a.clone(),
@@ -238,7 +234,11 @@ impl Ingest {
             EventKind::InstanceStored
         };
         let replace = replacing.as_ref().map(|e| e.id);
-        match self.committer.commit(rec, replace, source, kind).await {
+        match self
+            .committer
+            .commit(rec, marker, replace, source, kind)
+            .await
+        {
             Ok(InsertOutcome::Inserted { .. }) => {}
             Ok(InsertOutcome::Exists(e)) => {
                 // Lost a race with a concurrent store of the same SOP Instance UID.
@@ -274,6 +274,99 @@ impl Ingest {
                 Ok(Stored::New(summary))
             }
         }
+    }
+
+    /// Start-up recovery: settles the journal of unsettled blobs left by an earlier run (see
+    /// the `commit` module). A journaled blob whose index row exists is settled; one whose row
+    /// was lost (a power cut took the database's unsynced tail) is re-indexed from the blob
+    /// and audited as stored by `kade:recovery`; one whose content does not match the digest
+    /// in its key (a write cut short before it was acknowledged) is deleted. Run it before
+    /// accepting work.
+    ///
+    /// # Errors
+    /// When the journal cannot be read, or the store or index fail.
+    pub async fn recover(&self) -> Result<Recovered, IngestError> {
+        let mut report = Recovered::default();
+        for marker in self.store.journaled()? {
+            let key = marker.key();
+            if self.store.relink(&marker)? {
+                tracing::warn!(key, "restored the name of a blob from its journal marker");
+            }
+            let Some((sop, digest)) = key_parts(&key) else {
+                continue;
+            };
+            let existing = self.indexed(sop).await?;
+            if existing.is_some_and(|e| e.blob_key == key) {
+                report.settled += 1;
+            } else if self.reindex(&key, digest).await? {
+                report.reindexed += 1;
+            } else {
+                report.discarded += 1;
+            }
+            self.store.settle(vec![marker]).await;
+        }
+        Ok(report)
+    }
+
+    /// The indexed instance with this SOP Instance UID, if any.
+    async fn indexed(&self, sop: &str) -> Result<Option<write::ExistingInstance>, IngestError> {
+        let mut conn = self
+            .index
+            .read_pool()
+            .acquire()
+            .await
+            .map_err(IndexError::from)?;
+        Ok(write::find_instance(&mut conn, sop).await?)
+    }
+
+    /// Indexes the journaled blob `key` if it is whole; deletes it and returns `false` if not.
+    async fn reindex(&self, key: &str, digest: &str) -> Result<bool, IngestError> {
+        let bytes = match self.store.get(key).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let (bytes, sha256, dataset_sha256, parsed) = tokio::task::spawn_blocking(move || {
+            use sha2::{Digest, Sha256};
+            let sha256 = hex::encode(Sha256::digest(&bytes));
+            let dataset_sha256 =
+                parse::dataset_offset(&bytes).map(|at| hex::encode(Sha256::digest(&bytes[at..])));
+            let parsed = parse::parse_bytes(&bytes);
+            (bytes, sha256, dataset_sha256, parsed)
+        })
+        .await
+        .expect("hash task panicked");
+        let (Ok(parsed), Some(dataset_sha256), true) =
+            (parsed, dataset_sha256, sha256.starts_with(digest))
+        else {
+            tracing::warn!(key, "deleting a blob whose write was cut short");
+            self.discard_blob(key).await;
+            return Ok(false);
+        };
+        let source = Source {
+            actor: "kade:recovery".to_owned(),
+            ae_title: None,
+            address: None,
+        };
+        let rec = commit::Record {
+            attrs: parsed.attrs,
+            transfer_syntax_uid: parsed.transfer_syntax,
+            blob_key: key.to_owned(),
+            size_bytes: bytes.len() as u64,
+            sha256,
+            dataset_sha256,
+            metadata_json: parsed.metadata_json,
+        };
+        let outcome = self
+            .committer
+            .commit(rec, None, None, &source, EventKind::InstanceStored)
+            .await?;
+        tracing::warn!(
+            key,
+            ?outcome,
+            "re-indexed an instance whose index row was lost"
+        );
+        Ok(matches!(outcome, InsertOutcome::Inserted { .. }))
     }
 
     async fn conflict(
@@ -329,6 +422,24 @@ impl Ingest {
             tracing::warn!(key, error = %e, "could not delete unreferenced blob; kade fsck will");
         }
     }
+}
+
+/// What [`Ingest::recover`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Journaled blobs whose rows were durable: only their markers were removed.
+    pub settled: usize,
+    /// Blobs re-indexed because their rows were lost.
+    pub reindexed: usize,
+    /// Blobs deleted (cut short) or already gone, and blobs of another object.
+    pub discarded: usize,
+}
+
+/// The SOP Instance UID and digest prefix in an instance key
+/// (`dicom/{study}/{series}/{sop}.{digest}.dcm`).
+fn key_parts(key: &str) -> Option<(&str, &str)> {
+    let file = key.strip_prefix("dicom/")?.rsplit('/').next()?;
+    file.strip_suffix(".dcm")?.rsplit_once('.')
 }
 
 fn event(

@@ -10,6 +10,19 @@
 //! [`BlobStore::put_spooled`] returns only once the blob would survive a power cut: on the
 //! local backend the spooled file is fsynced, renamed into place and every directory whose
 //! entries changed is fsynced; on S3 the PUT (or multipart completion) has been acknowledged.
+//!
+//! # The journal of unsettled blobs
+//! [`BlobStore::put_journaled`] is as durable, and on the local backend it also names the blob
+//! in the journal directory (a hard link whose name is the key) and returns a [`Marker`]. Two
+//! syncs make it durable: the file, and the journal directory; the blob's own directory entry
+//! is synced later, once for all the blobs of a series, when the marker is settled (a power
+//! cut before that can lose the name, and [`BlobStore::relink`] restores it from the marker).
+//! The ingest pipeline also commits index rows without waiting for the database's own sync:
+//! as long as its marker exists, a blob counts as "maybe not indexed", and start-up recovery
+//! re-indexes it from the blob if its row was lost with the database's unsynced tail (power
+//! cut, kernel crash). Once a database sync covers the row, [`BlobStore::settle`] syncs the
+//! blob directories and removes the markers. S3 has no journal: there `put_journaled` returns
+//! no marker and the row is committed with a full sync.
 
 pub mod key;
 pub mod spool;
@@ -100,6 +113,32 @@ pub struct BlobStore {
     description: String,
 }
 
+/// A blob named in the journal of unsettled blobs (see the module docs). Dropping it keeps the
+/// marker; [`BlobStore::settle`] removes it.
+#[derive(Debug)]
+pub struct Marker {
+    path: PathBuf,
+    /// Directories whose entries for this blob are not synced yet.
+    dirs: Vec<PathBuf>,
+}
+
+impl Marker {
+    /// The key of the blob it names.
+    pub fn key(&self) -> String {
+        let name = self.path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        name.replace('+', "/")
+    }
+}
+
+/// What [`BlobStore::put_journaled`] stores.
+#[derive(Debug)]
+pub enum Payload {
+    /// Bytes in memory.
+    Bytes(Bytes),
+    /// A finished spool file.
+    Spooled(SpooledFile),
+}
+
 /// Size of the parts of a multipart upload, and the threshold above which one is used.
 const PART_SIZE: usize = 8 * 1024 * 1024;
 
@@ -110,7 +149,8 @@ impl BlobStore {
     /// # Errors
     /// When the directories cannot be created.
     pub fn local(root: &Path, spool_dir: &Path) -> Result<Self, StoreError> {
-        for d in [root, spool_dir] {
+        let journal = spool_dir.join("journal");
+        for d in [root, spool_dir, &journal] {
             std::fs::create_dir_all(d).map_err(|e| StoreError::io("create directory", d, e))?;
         }
         let root = root
@@ -191,6 +231,125 @@ impl BlobStore {
             }
             None => self.upload(key, file).await,
         }
+    }
+
+    /// Stores a blob durably, like [`BlobStore::put_bytes`] and [`BlobStore::put_spooled`],
+    /// and on the local backend names it in the journal of unsettled blobs (see the module
+    /// docs). `None` when the blob is durable but unmarked: on S3, or when a file of that key
+    /// existed already.
+    ///
+    /// # Errors
+    /// When writing or uploading fails; the blob and its marker are then absent.
+    pub async fn put_journaled(
+        &self,
+        key: &BlobKey,
+        payload: Payload,
+    ) -> Result<Option<Marker>, StoreError> {
+        let Some(root) = &self.local_root else {
+            match payload {
+                Payload::Bytes(b) => self.put_bytes(key, b).await?,
+                Payload::Spooled(f) => self.upload(key, f).await?,
+            }
+            return Ok(None);
+        };
+        let dest = root.join(key.as_str());
+        let marker_path = self.marker_path(key.as_str());
+        let marker = marker_path.clone();
+        let (root, spool) = (root.clone(), self.spool_dir.clone());
+        let dirs = tokio::task::spawn_blocking(move || match payload {
+            Payload::Bytes(b) => spool::write_journaled(&b, &spool, &root, &dest, &marker),
+            Payload::Spooled(f) => spool::persist_journaled(f, &root, &dest, &marker),
+        })
+        .await
+        .expect("write task panicked")?;
+        Ok(dirs.map(|dirs| Marker {
+            path: marker_path,
+            dirs,
+        }))
+    }
+
+    /// Removes the markers of blobs whose index rows are now durable, after syncing the
+    /// directories that name those blobs (once each: one sync covers every blob of a series
+    /// stored since the last settling). If that fails, the markers stay, for recovery.
+    pub async fn settle(&self, markers: Vec<Marker>) {
+        if markers.is_empty() {
+            return;
+        }
+        tokio::task::spawn_blocking(move || {
+            let mut dirs: Vec<PathBuf> = markers.iter().flat_map(|m| m.dirs.clone()).collect();
+            dirs.sort();
+            dirs.dedup();
+            if let Err(e) = spool::sync_dirs(&dirs) {
+                tracing::warn!(error = %e, "could not sync blob directories; keeping their journal markers for recovery");
+                return;
+            }
+            for m in markers {
+                if let Err(e) = std::fs::remove_file(&m.path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(marker = %m.path.display(), error = %e, "could not remove a journal marker; recovery will at the next start");
+                    }
+                }
+            }
+        })
+        .await
+        .expect("settle task panicked");
+    }
+
+    /// The markers left in the journal of unsettled blobs (by an earlier run that stopped
+    /// before settling them). Files whose names are not blob keys are ignored.
+    ///
+    /// # Errors
+    /// When the journal directory cannot be read.
+    pub fn journaled(&self) -> Result<Vec<Marker>, StoreError> {
+        if self.local_root.is_none() {
+            return Ok(Vec::new());
+        }
+        let dir = self.journal_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("read directory", &dir, e)),
+        };
+        let mut markers = Vec::new();
+        for entry in entries.flatten() {
+            let m = Marker {
+                path: entry.path(),
+                dirs: Vec::new(),
+            };
+            let key = m.key();
+            let well_formed = key.starts_with("dicom/")
+                && key.ends_with(".dcm")
+                && key
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'.' | b'/'));
+            if well_formed {
+                markers.push(m);
+            } else {
+                tracing::warn!(file = %m.path.display(), "ignoring a file in the journal directory that names no blob");
+            }
+        }
+        Ok(markers)
+    }
+
+    /// Gives the blob a marker names its key again if a power cut lost the name (its
+    /// directory entry is synced only when the marker is settled). Start-up recovery only.
+    /// Returns whether it had to.
+    ///
+    /// # Errors
+    /// When the link or a directory sync fails.
+    pub fn relink(&self, marker: &Marker) -> Result<bool, StoreError> {
+        match &self.local_root {
+            Some(root) => spool::relink(&marker.path, root, &root.join(marker.key())),
+            None => Ok(false),
+        }
+    }
+
+    fn journal_dir(&self) -> PathBuf {
+        self.spool_dir.join("journal")
+    }
+
+    fn marker_path(&self, key: &str) -> PathBuf {
+        self.journal_dir().join(key.replace('/', "+"))
     }
 
     /// Stores `bytes` under `key`, durably (local: written, fsynced and renamed into place in
@@ -328,6 +487,15 @@ impl BlobStore {
     /// # Errors
     /// The backend's error.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        if self.local_root.is_some() {
+            // A journal marker would give the blob its name back at the next start.
+            let marker = self.marker_path(key);
+            if let Err(e) = tokio::fs::remove_file(&marker).await {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(StoreError::io("remove", &marker, e));
+                }
+            }
+        }
         match self.store.delete(&ObjPath::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),

@@ -141,7 +141,123 @@ pub(crate) fn write_local(
     std::io::Write::write_all(&mut f, bytes).map_err(|e| StoreError::io("write", &path, e))?;
     f.sync_all()
         .map_err(|e| StoreError::io("fsync", &path, e))?;
+    drop_cached(&f);
     persist_local(file, root, dest)
+}
+
+/// Writes `bytes` straight to `dest` under `root` and names it in the journal (a hard link at
+/// `marker`), then syncs the file and the journal directory (blocking). Returns the
+/// directories whose new entries are not synced yet (`dest`'s, and the parents of directories
+/// created for it): [`sync_dirs`] them before the marker goes.
+///
+/// As durable as [`write_local`] with two syncs instead of four: the blob's data and inode, and
+/// the marker's name, are on disk; should a power cut lose its name under `root`, start-up
+/// recovery links it again from the marker ([`relink`]). A crash part-way leaves a partial
+/// file under its final key, named by its marker: recovery sees that its content does not
+/// match the digest in its key and deletes it. Returns `None` (and stores the blob with
+/// [`write_local`], unmarked) when `dest` exists already, which two concurrent stores of the
+/// same object can cause.
+pub(crate) fn write_journaled(
+    bytes: &[u8],
+    spool_dir: &Path,
+    root: &Path,
+    dest: &Path,
+    marker: &Path,
+) -> Result<Option<Vec<PathBuf>>, StoreError> {
+    let dir = dest.parent().expect("blob keys have a directory");
+    let created = create_dirs(root, dir)?;
+    let mut f = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return write_local(bytes, spool_dir, root, dest).map(|()| None);
+        }
+        Err(e) => return Err(StoreError::io("create", dest, e)),
+    };
+    let undo = |op, path: &Path, e| {
+        let _ = std::fs::remove_file(marker);
+        let _ = std::fs::remove_file(dest);
+        StoreError::io(op, path, e)
+    };
+    link_marker(dest, marker).map_err(|e| undo("link", marker, e))?;
+    std::io::Write::write_all(&mut f, bytes).map_err(|e| undo("write", dest, e))?;
+    f.sync_all().map_err(|e| undo("fsync", dest, e))?;
+    drop_cached(&f);
+    sync_dir(marker.parent().expect("markers are in a directory"))?;
+    Ok(Some(unsynced(dir, created)))
+}
+
+/// Moves a synced spool file to `dest` under `root` and names it in the journal, like
+/// [`write_journaled`]. Falls back to [`persist_local`] (returning `None`) when `dest` exists.
+pub(crate) fn persist_journaled(
+    mut file: SpooledFile,
+    root: &Path,
+    dest: &Path,
+    marker: &Path,
+) -> Result<Option<Vec<PathBuf>>, StoreError> {
+    if dest.exists() {
+        return persist_local(file, root, dest).map(|()| None);
+    }
+    let dir = dest.parent().expect("blob keys have a directory");
+    let created = create_dirs(root, dir)?;
+    link_marker(&file.path, marker).map_err(|e| StoreError::io("link", marker, e))?;
+    if let Err(e) = std::fs::rename(&file.path, dest) {
+        let _ = std::fs::remove_file(marker);
+        return Err(StoreError::io("rename into", dest, e));
+    }
+    file.keep = true;
+    sync_dir(marker.parent().expect("markers are in a directory"))?;
+    Ok(Some(unsynced(dir, created)))
+}
+
+/// `dir` and the parents of the directories created for it.
+fn unsynced(dir: &Path, created: Vec<PathBuf>) -> Vec<PathBuf> {
+    let mut dirs = vec![dir.to_owned()];
+    dirs.extend(
+        created
+            .iter()
+            .filter_map(|d| d.parent().map(Path::to_owned)),
+    );
+    dirs
+}
+
+/// Gives the blob named by `marker` its name `dest` under `root` again, if a power cut lost
+/// it, and syncs the directories. Returns whether it had to.
+pub(crate) fn relink(marker: &Path, root: &Path, dest: &Path) -> Result<bool, StoreError> {
+    if dest.exists() {
+        return Ok(false);
+    }
+    let dir = dest.parent().expect("blob keys have a directory");
+    let created = create_dirs(root, dir)?;
+    std::fs::hard_link(marker, dest).map_err(|e| StoreError::io("link", dest, e))?;
+    sync_dirs(&unsynced(dir, created))?;
+    Ok(true)
+}
+
+/// Tells the kernel that the (synced, so clean) pages of a file just written are not needed.
+///
+/// Writing a new file takes fresh page-cache pages; dropping the ones of each blob right after
+/// its sync lets the next blob reuse them. Measured on a virtual machine where first-touched
+/// memory is expensive: a new 0.5 MB file written and fsynced took 1.9–3.3 ms (1.2–2.7 ms of
+/// it kernel time) without this and 1.0 ms with it. Blobs read back soon (a viewer opening the
+/// study) come from the disk's cache instead.
+pub(crate) fn drop_cached(f: &std::fs::File) {
+    // A hint: failure changes nothing but speed.
+    #[cfg(target_os = "linux")]
+    let _ = rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::DontNeed);
+    #[cfg(not(target_os = "linux"))]
+    let _ = f;
+}
+
+/// A hard link; an existing marker of the same name (the same key) is kept.
+fn link_marker(target: &Path, marker: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(target, marker) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Moves a synced spool file to `dest` under `root` and fsyncs every directory that changed.
@@ -154,11 +270,17 @@ pub(crate) fn persist_local(
     let created = create_dirs(root, dir)?;
     std::fs::rename(&file.path, dest).map_err(|e| StoreError::io("rename into", dest, e))?;
     file.keep = true;
-    sync_dir(dir)?;
     // A directory created just now is only durable once its parent's entry is synced.
-    for d in created {
-        if let Some(parent) = d.parent() {
-            sync_dir(parent)?;
+    sync_dirs(&unsynced(dir, created))
+}
+
+/// Syncs directories (each once).
+pub(crate) fn sync_dirs(dirs: &[PathBuf]) -> Result<(), StoreError> {
+    let mut done: Vec<&PathBuf> = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        if !done.contains(&d) {
+            sync_dir(d)?;
+            done.push(d);
         }
     }
     Ok(())

@@ -273,11 +273,16 @@ pub async fn fsck(cfg: &Config, args: FsckArgs) -> anyhow::Result<Clean> {
     let mut orphans = Vec::new();
     let cutoff = chrono::Utc::now() - chrono::Duration::seconds(args.min_age as i64);
     let mut young = 0;
+    // Blobs still named in the journal are settled (re-indexed if need be) by `kade serve`
+    // at start-up, never deleted here.
+    let journaled: HashSet<String> = node.store.journaled()?.iter().map(|m| m.key()).collect();
     let mut list = node.store.list("dicom/");
     while let Some(b) = list.try_next().await? {
         pb.inc(1);
         if keys.contains(b.key.as_str()) {
             present.insert(b.key);
+        } else if journaled.contains(&b.key) {
+            young += 1;
         } else if b.modified <= cutoff {
             orphans.push(b);
         } else {

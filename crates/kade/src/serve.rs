@@ -46,6 +46,19 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
             "removed incomplete transfers left by an earlier run"
         );
     }
+    let recovered = node
+        .ingest
+        .recover()
+        .await
+        .context("cannot settle the journal of stored instances (spool/journal)")?;
+    if recovered != kade_ingest::Recovered::default() {
+        tracing::info!(
+            settled = recovered.settled,
+            reindexed = recovered.reindexed,
+            discarded = recovered.discarded,
+            "settled the instances an earlier run stored last"
+        );
+    }
     if cfg.dicom.peers.is_empty() && node.index.peers().await?.is_empty() {
         tracing::warn!(
             "no DIMSE peers are configured, so every association will be rejected. Allow one with: \

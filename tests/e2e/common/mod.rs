@@ -428,9 +428,15 @@ impl Node {
         out
     }
 
-    /// Files left in the spool directory (incomplete transfers).
+    /// Files left in the spool directory (incomplete transfers). The journal of stored blobs
+    /// (`spool/journal`: names of complete, acknowledged blobs, settled within a second) is not
+    /// counted.
     pub fn spool_files(&self) -> Vec<PathBuf> {
+        let journal = self.data_dir().join("spool/journal");
         list_files(&self.data_dir().join("spool"))
+            .into_iter()
+            .filter(|p| !p.starts_with(&journal))
+            .collect()
     }
 
     /// Runs a DCMTK tool against this node with calling AE `aet`.
