@@ -21,11 +21,41 @@ struct Archive {
     study: String,
 }
 
-async fn archive(instances: usize) -> Archive {
+/// The index backends to run on: SQLite, and PostgreSQL when KADE_TEST_PG_URL is set.
+fn backends() -> Vec<&'static str> {
+    if std::env::var("KADE_TEST_PG_URL").is_ok() {
+        return vec!["sqlite", "postgres"];
+    }
+    let msg = "PostgreSQL not configured: set KADE_TEST_PG_URL";
+    assert!(
+        std::env::var("KADE_TEST_REQUIRE_ALL").as_deref() != Ok("1"),
+        "{msg}"
+    );
+    eprintln!("SKIPPED on PostgreSQL: {msg}");
+    vec!["sqlite"]
+}
+
+async fn open_index(backend: &str, root: &Path) -> Index {
+    if backend == "sqlite" {
+        return Index::open_sqlite(&root.join("index.db")).await.unwrap();
+    }
+    use sqlx::Connection;
+    let base = std::env::var("KADE_TEST_PG_URL").unwrap();
+    let db = format!("kade_e2e_ingest_{}", rand::random::<u64>());
+    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let (head, _) = base.rsplit_once('/').unwrap();
+    Index::open(&format!("{head}/{db}")).await.unwrap()
+}
+
+async fn archive(backend: &str, instances: usize) -> Archive {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
     let store = BlobStore::local(&root.join("blobs"), &root.join("spool")).unwrap();
-    let index = Index::open_sqlite(&root.join("index.db")).await.unwrap();
+    let index = open_index(backend, &root).await;
     let ingest = Ingest::new(store, index, DuplicatePolicy::Reject);
     let spec = CtSpec::small(1, instances);
     let files = ct_study(&root.join("in"), &spec);
@@ -93,7 +123,13 @@ async fn indexed(ingest: &Ingest, sop: &str) -> Option<(String, String, String)>
 
 #[tokio::test]
 async fn stored_instances_are_settled_after_the_barrier() {
-    let a = archive(3).await;
+    for backend in backends() {
+        stored_instances_are_settled_after_the_barrier_on(backend).await;
+    }
+}
+
+async fn stored_instances_are_settled_after_the_barrier_on(backend: &str) {
+    let a = archive(backend, 3).await;
     for f in &a.files {
         let bytes = std::fs::read(f).unwrap();
         assert!(matches!(
@@ -125,7 +161,13 @@ async fn stored_instances_are_settled_after_the_barrier() {
 
 #[tokio::test]
 async fn recovery_reindexes_a_journaled_blob_whose_row_was_lost() {
-    let a = archive(2).await;
+    for backend in backends() {
+        recovery_reindexes_a_journaled_blob_whose_row_was_lost_on(backend).await;
+    }
+}
+
+async fn recovery_reindexes_a_journaled_blob_whose_row_was_lost_on(backend: &str) {
+    let a = archive(backend, 2).await;
     let store = a.ingest.store().clone();
     // Instance 1: its blob is durable and journaled, but its commit never reached the disk.
     let lost = std::fs::read(&a.files[0]).unwrap();
@@ -195,7 +237,13 @@ async fn recovery_reindexes_a_journaled_blob_whose_row_was_lost() {
 
 #[tokio::test]
 async fn recovery_settles_markers_of_rows_that_were_durable() {
-    let a = archive(1).await;
+    for backend in backends() {
+        recovery_settles_markers_of_rows_that_were_durable_on(backend).await;
+    }
+}
+
+async fn recovery_settles_markers_of_rows_that_were_durable_on(backend: &str) {
+    let a = archive(backend, 1).await;
     let bytes = std::fs::read(&a.files[0]).unwrap();
     assert!(matches!(
         ingest_file(&a.ingest, &bytes).await,
@@ -218,7 +266,13 @@ async fn recovery_settles_markers_of_rows_that_were_durable() {
 
 #[tokio::test]
 async fn the_one_round_trip_commit_gives_way_to_other_audit_writers() {
-    let a = archive(4).await;
+    for backend in backends() {
+        the_one_round_trip_commit_gives_way_to_other_audit_writers_on(backend).await;
+    }
+}
+
+async fn the_one_round_trip_commit_gives_way_to_other_audit_writers_on(backend: &str) {
+    let a = archive(backend, 4).await;
     let audit = kade_audit::Audit::new(a.ingest.index().clone());
     for (i, f) in a.files.iter().enumerate() {
         // Between stores, another writer appends to the audit chain: the commit task's
