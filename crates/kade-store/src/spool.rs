@@ -141,7 +141,6 @@ pub(crate) fn write_local(
     std::io::Write::write_all(&mut f, bytes).map_err(|e| StoreError::io("write", &path, e))?;
     f.sync_all()
         .map_err(|e| StoreError::io("fsync", &path, e))?;
-    drop_cached(&f);
     persist_local(file, root, dest)
 }
 
@@ -185,7 +184,6 @@ pub(crate) fn write_journaled(
     link_marker(dest, marker).map_err(|e| undo("link", marker, e))?;
     std::io::Write::write_all(&mut f, bytes).map_err(|e| undo("write", dest, e))?;
     f.sync_all().map_err(|e| undo("fsync", dest, e))?;
-    drop_cached(&f);
     sync_dir(marker.parent().expect("markers are in a directory"))?;
     Ok(Some(unsynced(dir, created)))
 }
@@ -235,21 +233,6 @@ pub(crate) fn relink(marker: &Path, root: &Path, dest: &Path) -> Result<bool, St
     std::fs::hard_link(marker, dest).map_err(|e| StoreError::io("link", dest, e))?;
     sync_dirs(&unsynced(dir, created))?;
     Ok(true)
-}
-
-/// Tells the kernel that the (synced, so clean) pages of a file just written are not needed.
-///
-/// Writing a new file takes fresh page-cache pages; dropping the ones of each blob right after
-/// its sync lets the next blob reuse them. Measured on a virtual machine where first-touched
-/// memory is expensive: a new 0.5 MB file written and fsynced took 1.9–3.3 ms (1.2–2.7 ms of
-/// it kernel time) without this and 1.0 ms with it. Blobs read back soon (a viewer opening the
-/// study) come from the disk's cache instead.
-pub(crate) fn drop_cached(f: &std::fs::File) {
-    // A hint: failure changes nothing but speed.
-    #[cfg(target_os = "linux")]
-    let _ = rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::DontNeed);
-    #[cfg(not(target_os = "linux"))]
-    let _ = f;
 }
 
 /// A hard link; an existing marker of the same name (the same key) is kept.
