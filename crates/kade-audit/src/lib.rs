@@ -19,6 +19,10 @@
 //! Entries identify patients by Patient ID only. Names never enter the audit log or the
 //! process logs.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use kade_index::{Index, IndexError, write};
 use sha2::{Digest, Sha256};
 use sqlx::{AnyConnection, Row};
@@ -334,27 +338,121 @@ fn entry_hash(e: &Entry) -> String {
     hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
 }
 
-/// A handle that records events in transactions of their own.
+/// A handle that records events in transactions of their own; cheap to clone (clones share
+/// what they remember of the chain).
 #[derive(Debug, Clone)]
 pub struct Audit {
     index: Index,
+    shared: Arc<Shared>,
 }
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// The chain's head as this process last wrote it (SQLite's one-round-trip appends).
+    head: Mutex<Option<(i64, String)>>,
+    /// A barrier is due for entries committed without a sync.
+    barrier_due: AtomicBool,
+}
+
+/// Entries committed without a sync are made durable this long after the first of them.
+pub const READ_SYNC_DELAY: Duration = Duration::from_millis(500);
 
 impl Audit {
     /// Records into `index`'s database.
     pub fn new(index: Index) -> Self {
-        Audit { index }
+        Audit {
+            index,
+            shared: Arc::default(),
+        }
     }
 
     /// Appends and commits one event.
     ///
+    /// On SQLite, the entries of **successful queries and retrievals** (the great majority:
+    /// every QIDO, WADO, C-FIND, C-MOVE and C-GET) are appended in one round trip and committed
+    /// without waiting for the database's sync: they are in the log before the request is
+    /// answered and survive a crash of Kade at once, and a power cut once a synced commit
+    /// follows, which this handle writes [`READ_SYNC_DELAY`] after the first of them (or any
+    /// other synced commit does sooner). Every other entry (stores, refusals, security alerts,
+    /// administration) is synced before this returns.
+    ///
     /// # Errors
     /// Database errors.
     pub async fn record(&self, ev: &AuditEvent) -> Result<i64, IndexError> {
+        let read = matches!(ev.kind, EventKind::Query | EventKind::Retrieve)
+            && ev.outcome == Outcome::Success;
+        if read && self.index.backend() == kade_index::Backend::Sqlite {
+            if let Some(seq) = self.append_unsynced(ev).await? {
+                return Ok(seq);
+            }
+        }
         let mut tx = self.index.begin_write().await?;
-        let seq = append(&mut tx, ev).await?;
+        let mut chain = Chain::lock(&mut tx).await?;
+        let entry = chain.chain(ev);
+        write::insert_audit(&mut tx, &entry.row()).await?;
+        chain.advance(&entry);
+        chain.store(&mut tx).await?;
         tx.commit().await?;
-        Ok(seq)
+        self.remember(&chain);
+        Ok(entry.0.seq)
+    }
+
+    /// The one-round-trip append from the remembered head; `None` when there is none or it
+    /// was stale (another writer appended since).
+    async fn append_unsynced(&self, ev: &AuditEvent) -> Result<Option<i64>, IndexError> {
+        let mut conn = self.index.acquire_write().await?;
+        let Some((seq, hash)) = self.shared.head.lock().expect("audit head lock").clone() else {
+            return Ok(None);
+        };
+        let mut chain = Chain::resume(seq, hash);
+        let entry = chain.chain(ev);
+        match write::append_audit_sqlite(&mut conn, &entry.row(), false).await {
+            Ok(Ok(())) => {
+                chain.advance(&entry);
+                self.remember(&chain);
+                self.schedule_barrier();
+                Ok(Some(entry.0.seq))
+            }
+            Ok(Err(_)) => Ok(None),
+            Err(e) => {
+                let _ = conn.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    fn remember(&self, chain: &Chain) {
+        let (seq, hash) = chain.head();
+        *self.shared.head.lock().expect("audit head lock") = Some((seq, hash.to_owned()));
+    }
+
+    fn schedule_barrier(&self) {
+        if self.shared.barrier_due.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let audit = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(READ_SYNC_DELAY).await;
+            if let Err(e) = audit.sync().await {
+                tracing::error!(error = %e, "could not sync the audit log");
+            }
+        });
+    }
+
+    /// Makes the entries committed without a sync durable now (one synced commit), if any.
+    /// `kade serve` calls it before it stops.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn sync(&self) -> Result<(), IndexError> {
+        if self.shared.barrier_due.swap(false, Ordering::AcqRel) {
+            let mut conn = self.index.acquire_write().await?;
+            if let Err(e) = self.index.sync_barrier(&mut conn).await {
+                self.shared.barrier_due.store(true, Ordering::Release);
+                return Err(e.into());
+            }
+        }
+        Ok(())
     }
 
     /// The most recent `limit` entries, newest first.
@@ -474,6 +572,57 @@ mod tests {
             .await
             .unwrap();
         (dir, idx)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reads_are_appended_unsynced_and_other_writers_interleave() {
+        let (_d, idx) = index().await;
+        let audit = Audit::new(idx.clone());
+        // Another handle (as another process would) appends between this one's entries, so
+        // this one's remembered head goes stale and its next one-round-trip append must give
+        // way to a locked append.
+        let other = Audit::new(idx.clone());
+        let query = |i: usize| {
+            AuditEvent::new(EventKind::Query, Outcome::Success, "user:r").detail(format!("q={i}"))
+        };
+        let mut seqs = Vec::new();
+        for i in 0..6 {
+            seqs.push(audit.record(&query(i)).await.unwrap());
+            if i % 3 == 2 {
+                let ev = AuditEvent::new(EventKind::AssociationAccepted, Outcome::Success, "ae:X");
+                seqs.push(other.record(&ev).await.unwrap());
+            }
+        }
+        assert_eq!(seqs, (1..=8).collect::<Vec<i64>>());
+        assert!(
+            audit.shared.barrier_due.load(Ordering::Acquire),
+            "reads after the first were appended without a sync"
+        );
+        audit.sync().await.unwrap();
+        assert!(!audit.shared.barrier_due.load(Ordering::Acquire));
+        let synced: String = sqlx::query_scalar("SELECT synced_at FROM index_sync")
+            .fetch_one(idx.read_pool())
+            .await
+            .unwrap();
+        assert!(!synced.is_empty(), "sync wrote the barrier");
+        let r = verify(&idx, |_| {}).await.unwrap();
+        assert_eq!(
+            r,
+            VerifyReport {
+                entries: 8,
+                broken: None
+            }
+        );
+        let details: Vec<Option<String>> =
+            sqlx::query_scalar("SELECT detail FROM audit_log ORDER BY seq")
+                .fetch_all(idx.read_pool())
+                .await
+                .unwrap();
+        // q0 q1 q2 X q3 q4 q5 X
+        assert_eq!(details[0].as_deref(), Some("q=0"));
+        assert_eq!(details[4].as_deref(), Some("q=3"));
+        assert_eq!(details[6].as_deref(), Some("q=5"));
+        assert_eq!(details[7], None);
     }
 
     #[tokio::test(flavor = "multi_thread")]

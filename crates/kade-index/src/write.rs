@@ -338,13 +338,56 @@ pub async fn commit_batch_sqlite(
         q = bind_audit(q, &it.audit);
     }
     let q = q.bind(head.0).bind(head.1);
+    Ok(one_round_trip(conn, q, durable).await?.map(|rows| {
+        // Every statement ran, so every row is committed: the ids are for information.
+        rows.iter()
+            .map(|r| r.try_get(0).unwrap_or_default())
+            .collect()
+    }))
+}
+
+/// SQLite only: appends one audit entry and moves the chain's head to it, in one round trip
+/// (`BEGIN` … `COMMIT`), without waiting for the sync unless `durable`. `Ok(Err(_))`: rolled
+/// back, notably when the entry's sequence number is taken (another writer appended since the
+/// caller read the head: primary key).
+///
+/// # Errors
+/// As [`commit_batch_sqlite`]: only when the connection must be closed.
+pub async fn append_audit_sqlite(
+    conn: &mut AnyConnection,
+    entry: &AuditRow<'_>,
+    durable: bool,
+) -> Result<Result<(), IndexError>, IndexError> {
+    let sql = format!(
+        "{}BEGIN; INSERT INTO audit_log ({AUDIT_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12); \
+         UPDATE audit_head SET seq = $1, hash = $12 WHERE id = 1; COMMIT{}",
+        if durable {
+            ""
+        } else {
+            "PRAGMA synchronous = NORMAL; "
+        },
+        if durable {
+            ""
+        } else {
+            "; PRAGMA synchronous = FULL"
+        },
+    );
+    let q = bind_audit(sqlx::query(&sql), entry);
+    Ok(one_round_trip(conn, q, durable).await?.map(|_| ()))
+}
+
+/// Runs a multi-statement query from `BEGIN` to `COMMIT` (bracketed by `PRAGMA synchronous`
+/// NORMAL / FULL unless `durable`). On failure, rolls back and restores durable commits:
+/// `Ok(Err(_))`; `Err(_)` when that fails too and the connection must be closed.
+async fn one_round_trip<'q>(
+    conn: &mut AnyConnection,
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    durable: bool,
+) -> Result<Result<Vec<sqlx::any::AnyRow>, IndexError>, IndexError> {
     // `fetch_all`: every statement of a multi-statement query runs only if the rows are drained.
     match q.fetch_all(&mut *conn).await {
-        // Every statement ran, so every row is committed: the ids are for information.
-        Ok(rows) => Ok(Ok(rows
-            .iter()
-            .map(|r| r.try_get(0).unwrap_or_default())
-            .collect())),
+        Ok(rows) => Ok(Ok(rows)),
         Err(e) => {
             let undo = if durable {
                 "ROLLBACK"

@@ -183,6 +183,9 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(w) = web {
         let _ = w.await;
     }
+    if let Err(e) = node.audit.sync().await {
+        tracing::error!(error = %e, "could not sync the audit log before stopping");
+    }
     node.index.close().await;
     tracing::info!("Kade stopped");
     Ok(())
