@@ -370,8 +370,8 @@ impl Audit {
     ///
     /// On SQLite, the entries of **successful queries and retrievals** (the great majority:
     /// every QIDO, WADO, C-FIND, C-MOVE and C-GET) are appended in one round trip and committed
-    /// without waiting for the database's sync: they are in the log before the request is
-    /// answered and survive a crash of Kade at once, and a power cut once a synced commit
+    /// without waiting for the database's sync: they survive a crash of Kade as soon as this
+    /// returns, and a power cut once a synced commit
     /// follows, which this handle writes [`READ_SYNC_DELAY`] after the first of them (or any
     /// other synced commit does sooner). Every other entry (stores, refusals, security alerts,
     /// administration) is synced before this returns.
