@@ -421,6 +421,26 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             self.limits,
         )
         .await;
+        // The access is in the audit log before any match leaves.
+        let outcome = if answer.last.status == Status::Success {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let mut ev =
+            AuditEvent::new(EventKind::Query, outcome, source.actor.clone()).detail(format!(
+                "{} matches; {}{}",
+                answer.matches.len(),
+                answer.keys,
+                answer
+                    .last
+                    .error_comment
+                    .as_deref()
+                    .map(|c| format!("; refused: {c}"))
+                    .unwrap_or_default()
+            ));
+        ev.actor_address = source.address.clone();
+        self.audit(ev).await;
         let pending = Response {
             command_field: crate::command::field::C_FIND_RSP,
             message_id,
@@ -450,25 +470,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         } else {
             self.respond(pc_id, &answer.last).await?;
         }
-        let outcome = if answer.last.status == Status::Success {
-            Outcome::Success
-        } else {
-            Outcome::MinorFailure
-        };
-        let mut ev =
-            AuditEvent::new(EventKind::Query, outcome, source.actor.clone()).detail(format!(
-                "{} matches; {}{}",
-                answer.matches.len(),
-                answer.keys,
-                answer
-                    .last
-                    .error_comment
-                    .as_deref()
-                    .map(|c| format!("; refused: {c}"))
-                    .unwrap_or_default()
-            ));
-        ev.actor_address = source.address.clone();
-        self.audit(ev).await;
         Ok(())
     }
 
