@@ -223,7 +223,14 @@ impl Index {
     /// # Errors
     /// When no connection can be had.
     pub async fn begin_write(&self) -> Result<WriteTx, IndexError> {
-        Ok(self.write.begin().await?)
+        Ok(match self.backend {
+            // IMMEDIATE takes the write lock at once, waiting for it (busy_timeout) if another
+            // process holds it. A deferred transaction that reads first and then writes fails
+            // at once with SQLITE_BUSY_SNAPSHOT (517, "database is locked") when another
+            // connection committed in between, which a running `kade serve` often does.
+            Backend::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.write.begin().await?,
+        })
     }
 
     /// A connection of the write pool, for callers that must be able to close it (see
