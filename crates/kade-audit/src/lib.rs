@@ -166,12 +166,17 @@ impl AuditEvent {
 /// # Errors
 /// Database errors; the caller must then roll back.
 pub async fn append(conn: &mut AnyConnection, ev: &AuditEvent) -> Result<i64, IndexError> {
+    Ok(append_chained(conn, ev).await?.seq)
+}
+
+/// [`append`], returning the chain as it stands after the entry.
+async fn append_chained(conn: &mut AnyConnection, ev: &AuditEvent) -> Result<Chain, IndexError> {
     let mut chain = Chain::lock(conn).await?;
     let entry = chain.chain(ev);
     write::insert_audit(conn, &entry.row()).await?;
     chain.advance(&entry);
     chain.store(conn).await?;
-    Ok(entry.0.seq)
+    Ok(chain)
 }
 
 /// The head of the chain, held by a writer that appends several entries in one transaction
@@ -387,14 +392,10 @@ impl Audit {
             }
         }
         let mut tx = self.index.begin_write().await?;
-        let mut chain = Chain::lock(&mut tx).await?;
-        let entry = chain.chain(ev);
-        write::insert_audit(&mut tx, &entry.row()).await?;
-        chain.advance(&entry);
-        chain.store(&mut tx).await?;
+        let chain = append_chained(&mut tx, ev).await?;
         tx.commit().await?;
         self.remember(&chain);
-        Ok(entry.0.seq)
+        Ok(chain.seq)
     }
 
     /// The one-round-trip append from the remembered head; `None` when there is none or it

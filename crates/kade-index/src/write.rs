@@ -70,7 +70,7 @@ pub async fn insert_instance(
     let modalities = add_modality(&modalities, a.series.modality.as_deref());
     let update = StudyUpdate {
         new_series,
-        modalities: Some(modalities),
+        modalities,
     };
     let outcome = insert_placed(tx, rec, placement, update, &now).await?;
     Ok((outcome, placement))
@@ -78,7 +78,7 @@ pub async fn insert_instance(
 
 /// Where an instance's series and study rows are, as [`insert_instance`] found or made them.
 /// A caller that keeps this for a series it sees again can skip the lookups with
-/// [`insert_into_series`].
+/// [`insert_into_series_audited`] or [`commit_batch_sqlite`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
     /// Study row id.
@@ -89,24 +89,8 @@ pub struct Placement {
 
 struct StudyUpdate {
     new_series: bool,
-    /// ModalitiesInStudy to set, when it may have changed.
-    modalities: Option<String>,
-}
-
-/// Inserts an instance into a series whose rows exist already (see [`Placement`]).
-///
-/// # Errors
-/// Database errors, including a foreign-key violation when the placement is stale.
-pub async fn insert_into_series(
-    tx: &mut AnyConnection,
-    rec: &NewInstance<'_>,
-    placement: Placement,
-) -> Result<InsertOutcome, IndexError> {
-    let update = StudyUpdate {
-        new_series: false,
-        modalities: None,
-    };
-    insert_placed(tx, rec, placement, update, &crate::now()).await
+    /// ModalitiesInStudy to set.
+    modalities: String,
 }
 
 async fn insert_placed(
@@ -153,7 +137,7 @@ async fn insert_placed(
     .await?;
     sqlx::query(
         "UPDATE studies SET num_instances = num_instances + 1, size_bytes = size_bytes + $1, \
-         num_series = num_series + $2, modalities = COALESCE($3, modalities), updated_at = $4 \
+         num_series = num_series + $2, modalities = $3, updated_at = $4 \
          WHERE id = $5",
     )
     .bind(size)
@@ -230,9 +214,10 @@ pub async fn insert_audit(conn: &mut AnyConnection, e: &AuditRow<'_>) -> Result<
     Ok(())
 }
 
-/// [`insert_into_series`] and the instance's audit entry in one round trip to the database
-/// (SQLite: one multi-statement query; PostgreSQL: one statement of data-modifying CTEs),
-/// which is what makes the ingest group commit fast. Returns the new row id.
+/// Inserts an instance into a series whose rows exist already (see [`Placement`]), updates
+/// the counts and writes the instance's audit entry, in one round trip to the database
+/// (SQLite: one multi-statement query; PostgreSQL: one statement of data-modifying CTEs).
+/// Returns the new row id.
 ///
 /// # Errors
 /// Database errors, including a unique-constraint violation when the SOP Instance UID is
@@ -245,12 +230,7 @@ pub async fn insert_into_series_audited(
 ) -> Result<i64, IndexError> {
     let sqlite = conn.backend_name() == "SQLite";
     let sql = if sqlite {
-        format!(
-            "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) RETURNING id; \
-             INSERT INTO instance_metadata (instance_fk, json) VALUES (last_insert_rowid(), $18); \
-             {UPDATE_SERIES}; {UPDATE_STUDY}; \
-             INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ({AUDIT_VALUES})"
-        )
+        sqlite_item_sql()
     } else {
         format!(
             "WITH ins AS (INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) \
@@ -261,11 +241,9 @@ pub async fn insert_into_series_audited(
              SELECT id FROM ins"
         )
     };
-    let q = bind_instance(sqlx::query(&sql), rec, placement.series, &crate::now())
-        .bind(rec.metadata_json)
-        .bind(placement.study);
+    let q = bind_item(sqlx::query(&sql), rec, placement, audit, &crate::now());
     // `fetch_all`: every statement of a multi-statement query runs only if the rows are drained.
-    let rows = bind_audit(q, audit).fetch_all(&mut *conn).await?;
+    let rows = q.fetch_all(&mut *conn).await?;
     let row = rows.first().ok_or_else(|| {
         IndexError::Db(sqlx::Error::Protocol(
             "instance insert returned no id".into(),
@@ -311,14 +289,10 @@ pub async fn commit_batch_sqlite(
         sql.push_str("PRAGMA synchronous = NORMAL; ");
     }
     sql.push_str("BEGIN; ");
-    let item = format!(
-        "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) RETURNING id; \
-         INSERT INTO instance_metadata (instance_fk, json) VALUES (last_insert_rowid(), $18); \
-         {UPDATE_SERIES}; {UPDATE_STUDY}; \
-         INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ({AUDIT_VALUES}); "
-    );
+    let item = sqlite_item_sql();
     for k in 0..items.len() {
         renumber(&item, k * PER_ITEM, &mut sql);
+        sql.push_str("; ");
     }
     let n = items.len() * PER_ITEM;
     sql.push_str(&format!(
@@ -332,10 +306,7 @@ pub async fn commit_batch_sqlite(
     let now = crate::now();
     let mut q = sqlx::query(&sql);
     for it in items {
-        q = bind_instance(q, &it.rec, it.placement.series, &now)
-            .bind(it.rec.metadata_json)
-            .bind(it.placement.study);
-        q = bind_audit(q, &it.audit);
+        q = bind_item(q, &it.rec, it.placement, &it.audit, &now);
     }
     let q = q.bind(head.0).bind(head.1);
     Ok(one_round_trip(conn, q, durable).await?.map(|rows| {
@@ -406,6 +377,32 @@ async fn one_round_trip<'q>(
             Ok(Err(e.into()))
         }
     }
+}
+
+/// SQLite: one instance into a known series, its counts and its audit entry, as statements
+/// bound by [`bind_item`] (`$1`…`$31`).
+fn sqlite_item_sql() -> String {
+    format!(
+        "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) RETURNING id; \
+         INSERT INTO instance_metadata (instance_fk, json) VALUES (last_insert_rowid(), $18); \
+         {UPDATE_SERIES}; {UPDATE_STUDY}; \
+         INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ({AUDIT_VALUES})"
+    )
+}
+
+/// Binds an instance (`$1`…`$17`), its DICOM JSON (`$18`), its study row (`$19`) and its audit
+/// entry (`$20`…`$31`).
+fn bind_item<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    rec: &NewInstance<'q>,
+    placement: Placement,
+    audit: &AuditRow<'q>,
+    now: &str,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    let q = bind_instance(q, rec, placement.series, now)
+        .bind(rec.metadata_json)
+        .bind(placement.study);
+    bind_audit(q, audit)
 }
 
 /// Appends `template` to `out` with every `$N` placeholder shifted to `$(N + by)`.
