@@ -364,6 +364,31 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
             "[{}] {tail}",
             b.name
         );
+        // Whose data went where is audited before the first instance leaves, and again with
+        // the outcome; both entries name the patient and the study.
+        let moves: Vec<serde_json::Value> = tail
+            .lines()
+            .filter(|l| l.contains("C-MOVE to STORESCP"))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let start = moves
+            .iter()
+            .position(|e| {
+                e["detail"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("C-MOVE to STORESCP: starting, 6 instances of 1 studies")
+            })
+            .unwrap_or_else(|| panic!("[{}] no start entry: {tail}", b.name));
+        let done = moves
+            .iter()
+            .position(|e| e["detail"].as_str().unwrap().contains("6 completed"))
+            .unwrap();
+        assert!(start < done, "[{}] {tail}", b.name);
+        for e in [&moves[start], &moves[done]] {
+            assert_eq!(e["study_uid"], spec.study_uid.as_str(), "[{}] {e}", b.name);
+            assert_eq!(e["patient_id"], spec.patient_id.as_str(), "[{}] {e}", b.name);
+        }
 
         // A destination that takes only uncompressed data gets a JPEG instance decompressed:
         // RGB, marked lossy, with the colour bands of the reference image.

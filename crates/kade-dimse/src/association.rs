@@ -58,6 +58,7 @@ struct MoveRequest<'a> {
     identifier: &'a [u8],
     ts: &'a str,
     calling: &'a str,
+    source: &'a kade_ingest::Source,
 }
 
 /// What an identifier is for.
@@ -251,6 +252,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 Some((neg, source))
             }
         }
+    }
+
+    /// The audit entry written before a retrieve's first sub-operation: who, whose data,
+    /// how much, and where it goes. The entry after the last one adds the outcome.
+    async fn audit_retrieve_start(
+        &self,
+        source: &kade_ingest::Source,
+        what: &str,
+        subject: &crate::c_move::Subject,
+    ) {
+        let mut ev = AuditEvent::new(EventKind::Retrieve, Outcome::Success, source.actor.clone())
+            .detail(format!("{what}: starting, {}", subject.summary));
+        ev.actor_address = source.address.clone();
+        self.audit(subject.on(ev)).await;
     }
 
     async fn audit(&self, ev: AuditEvent) {
@@ -501,8 +516,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             identifier,
             ts: &ts,
             calling: &calling,
+            source,
         };
-        let (status, counts, failed, why) = self.move_instances(req).await?;
+        let mut subject = crate::c_move::Subject::default();
+        let (status, counts, failed, why) = self.move_instances(req, &mut subject).await?;
         let counts = Counts {
             remaining: if status == Status::Cancelled {
                 counts.remaining
@@ -541,15 +558,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 why.map(|w| format!("; {w}")).unwrap_or_default()
             ));
         ev.actor_address = source.address.clone();
-        self.audit(ev).await;
+        self.audit(subject.on(ev)).await;
         Ok(())
     }
 
     /// The sub-operations of a C-MOVE; returns the final status, counters, failed SOP
     /// Instance UIDs and a reason for a refusal.
+    /// `subject` is set to whose data the sub-operations send, which is audited before the
+    /// first of them.
     async fn move_instances(
         &mut self,
         req: MoveRequest<'_>,
+        subject: &mut crate::c_move::Subject,
     ) -> Result<(Status, crate::c_move::Counts, Vec<String>, Option<String>), End> {
         use crate::c_move::{self, Counts};
         let MoveRequest {
@@ -560,6 +580,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             identifier,
             ts,
             calling,
+            source,
         } = req;
         let refuse = |s, why: &str| Ok((s, Counts::default(), Vec::new(), Some(why.to_owned())));
         let dest = match kade_core::AeTitle::new(destination) {
@@ -601,6 +622,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         if instances.is_empty() {
             return Ok((Status::Success, counts, Vec::new(), None));
         }
+        // The access is in the audit log before any instance leaves.
+        *subject = c_move::Subject::of(&instances);
+        self.audit_retrieve_start(source, &format!("C-MOVE to {destination}"), subject)
+            .await;
         let addr = (dest.host.addr(), port);
         let our_ae = self.ctx.opts.ae_title.to_string();
         let proposals = c_move::proposals(&instances);
@@ -641,45 +666,43 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 );
             }
         };
+        let plan: Vec<_> = instances
+            .iter()
+            .map(|i| {
+                c_move::choose(
+                    |c, t| out.context_in(c, t),
+                    &i.sop_class_uid,
+                    &i.transfer_syntax_uid,
+                )
+            })
+            .collect();
+        let mut blobs = c_move::read_ahead(
+            self.ctx.ingest.store().clone(),
+            jobs(&instances, &plan),
+            out.peer_max_pdu(),
+        );
         let mut failed = Vec::new();
         let mut cancelled = false;
-        for i in &instances {
+        let mut progress = c_move::Progress::default();
+        for (i, chosen) in instances.iter().zip(&plan) {
             if self.cancel_requested(message_id).await? {
                 cancelled = true;
                 break;
             }
-            let chosen = c_move::choose(
-                |c, t| out.context_in(c, t),
-                &i.sop_class_uid,
-                &i.transfer_syntax_uid,
-            );
-            let status = match chosen {
-                // The destination takes this class neither as stored nor re-encoded.
-                None => None,
-                Some((ctx, target)) => match self.ctx.ingest.store().get(&i.blob_key).await {
-                    Ok(blob) => {
-                        match c_move::prepared(blob, &i.transfer_syntax_uid, target).await {
-                            Some(blob) => match c_move::dataset_of(&blob) {
-                                Some(ds) => out
-                                    .store_on(
-                                        ctx,
-                                        &i.sop_class_uid,
-                                        &i.sop_uid,
-                                        ds,
-                                        Some((calling, message_id)),
-                                    )
-                                    .await
-                                    .ok(),
-                                None => None,
-                            },
-                            None => None,
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(sop = %i.sop_uid, error = %e, "cannot read blob for C-MOVE");
-                        None
-                    }
-                },
+            // None: the destination takes this class neither as stored nor re-encoded, or
+            // the blob could not be read or re-encoded.
+            let status = match (chosen, blobs.recv().await.flatten()) {
+                (Some((ctx, _)), Some(ds)) => out
+                    .store_framed(
+                        *ctx,
+                        &i.sop_class_uid,
+                        &i.sop_uid,
+                        ds,
+                        Some((calling, message_id)),
+                    )
+                    .await
+                    .ok(),
+                _ => None,
             };
             counts.remaining -= 1;
             match status {
@@ -690,9 +713,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     failed.push(i.sop_uid.clone());
                 }
             }
-            let pending = c_move::response(message_id, sop_class, Status::Pending, counts, None);
-            self.send(&pdu::encode_pdata(pc_id, true, &pending, self.peer_max_pdu))
-                .await?;
+            if progress.due() {
+                let pending =
+                    c_move::response(message_id, sop_class, Status::Pending, counts, None);
+                self.send(&pdu::encode_pdata(pc_id, true, &pending, self.peer_max_pdu))
+                    .await?;
+            }
         }
         let _ = out.release().await;
         let status = if cancelled {
@@ -840,47 +866,56 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             remaining: instances.len().min(u16::MAX as usize) as u16,
             ..Counts::default()
         };
+        // The access is in the audit log before any instance leaves.
+        let subject = c_move::Subject::of(&instances);
+        if !instances.is_empty() {
+            self.audit_retrieve_start(source, "C-GET", &subject).await;
+        }
+        let plan: Vec<_> = instances
+            .iter()
+            .map(|i| {
+                c_move::choose(
+                    |class, t| {
+                        neg.contexts
+                            .iter()
+                            .find(|(_, c)| c.abstract_syntax == class && c.transfer_syntax == t)
+                            .map(|(&pc, _)| pc)
+                    },
+                    &i.sop_class_uid,
+                    &i.transfer_syntax_uid,
+                )
+            })
+            .collect();
+        let mut blobs = c_move::read_ahead(
+            self.ctx.ingest.store().clone(),
+            jobs(&instances, &plan),
+            self.peer_max_pdu,
+        );
         let mut failed = Vec::new();
         let mut cancelled = false;
-        for (n, i) in instances.iter().enumerate() {
+        let mut progress = c_move::Progress::default();
+        for (n, (i, &chosen)) in instances.iter().zip(&plan).enumerate() {
             if self.cancel_requested(message_id).await? {
                 cancelled = true;
                 break;
             }
-            let chosen = c_move::choose(
-                |class, t| {
-                    neg.contexts
-                        .iter()
-                        .find(|(_, c)| c.abstract_syntax == class && c.transfer_syntax == t)
-                        .map(|(&pc, _)| pc)
-                },
-                &i.sop_class_uid,
-                &i.transfer_syntax_uid,
-            );
-            let blob = match chosen {
-                Some((_, target)) => match self.ctx.ingest.store().get(&i.blob_key).await {
-                    Ok(b) => c_move::prepared(b, &i.transfer_syntax_uid, target).await,
-                    Err(_) => None,
-                },
-                None => None,
-            };
-            let status = match (chosen, blob.as_deref().and_then(c_move::dataset_of)) {
-                (Some((store_pc, _)), Some(ds)) => {
+            let status = match (chosen, blobs.recv().await.flatten()) {
+                (Some((store_pc, _)), Some(mut ds)) => {
                     let cs = crate::command::store_request(
                         n as u16 + 1,
                         &i.sop_class_uid,
                         &i.sop_uid,
                         None,
                     );
-                    self.send(&pdu::encode_pdata(
-                        store_pc,
-                        true,
-                        &cs.encode(),
-                        self.peer_max_pdu,
-                    ))
-                    .await?;
-                    self.send(&pdu::encode_pdata(store_pc, false, ds, self.peer_max_pdu))
-                        .await?;
+                    let command =
+                        pdu::encode_pdata(store_pc, true, &cs.encode(), self.peer_max_pdu);
+                    match ds.with_command(&command) {
+                        Some(both) => self.send(both).await?,
+                        None => {
+                            self.send(&command).await?;
+                            self.send(ds.data()).await?;
+                        }
+                    }
                     let mut cs = self.read_command().await?;
                     if matches!(Command::parse(&cs), Ok(Command::Cancel { message_id: id }) if id == message_id)
                     {
@@ -912,9 +947,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             if cancelled {
                 break;
             }
-            let pending = respond(Status::Pending, counts, None);
-            self.send(&pdu::encode_pdata(pc_id, true, &pending, self.peer_max_pdu))
-                .await?;
+            if progress.due() {
+                let pending = respond(Status::Pending, counts, None);
+                self.send(&pdu::encode_pdata(pc_id, true, &pending, self.peer_max_pdu))
+                    .await?;
+            }
         }
         let status = if cancelled {
             Status::Cancelled
@@ -942,7 +979,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 counts.completed, counts.failed
             ));
         ev.actor_address = source.address.clone();
-        self.audit(ev).await;
+        self.audit(subject.on(ev)).await;
         Ok(())
     }
 
@@ -1248,4 +1285,24 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
             std::future::pending::<()>().await;
         }
     }
+}
+
+/// The read-ahead jobs of a retrieve: what to read and re-encode for each instance that has
+/// a presentation context (`plan`, from [`crate::c_move::choose`]).
+fn jobs(
+    instances: &[kade_index::query::InstanceRow],
+    plan: &[Option<(u8, Option<&'static str>)>],
+) -> Vec<Option<crate::c_move::Job>> {
+    instances
+        .iter()
+        .zip(plan)
+        .map(|(i, chosen)| {
+            chosen.map(|(pc, target)| crate::c_move::Job {
+                key: i.blob_key.clone(),
+                stored: i.transfer_syntax_uid.clone(),
+                target,
+                pc,
+            })
+        })
+        .collect()
 }

@@ -136,30 +136,123 @@ pub fn encode(p: &Pdu) -> Vec<u8> {
 
 /// Encodes `data` as P-DATA-TF PDUs of at most `peer_max` bytes each (0 = unlimited).
 pub fn encode_pdata(pc_id: u8, is_command: bool, data: &[u8], peer_max: u32) -> Vec<u8> {
-    let peer_max = if peer_max == 0 {
-        u32::MAX
-    } else {
-        peer_max.max(pdu::MINIMUM_PDU_SIZE)
-    };
-    // PDU length = PDV item length field (4) + PDV header (2) + payload.
-    let chunk = (peer_max - 6).min(1 << 24) as usize;
-    let mut out = Vec::with_capacity(data.len() + 12 * (data.len() / chunk + 1));
+    let mut out = Vec::new();
+    append_pdata(&mut out, pc_id, is_command, data, peer_max);
+    out
+}
+
+/// Appends `data`, encoded as by [`encode_pdata`], to `out`. Senders gather a command and its
+/// data set, or many C-FIND responses, into one buffer and write it at once: each write is a
+/// system call here and a wake-up at the peer.
+pub fn append_pdata(out: &mut Vec<u8>, pc_id: u8, is_command: bool, data: &[u8], peer_max: u32) {
+    let chunk = pdv_payload(peer_max);
+    out.reserve(data.len() + PDU_OVERHEAD * (data.len() / chunk + 1));
     let mut parts: Vec<&[u8]> = data.chunks(chunk).collect();
     if parts.is_empty() {
         parts.push(&[]);
     }
     let n = parts.len();
     for (i, part) in parts.into_iter().enumerate() {
-        let ctl = u8::from(is_command) | if i + 1 == n { 2 } else { 0 };
-        out.push(0x04);
-        out.push(0);
-        out.extend_from_slice(&(part.len() as u32 + 6).to_be_bytes());
-        out.extend_from_slice(&(part.len() as u32 + 2).to_be_bytes());
-        out.push(pc_id);
-        out.push(ctl);
+        pdata_header(out, pc_id, is_command, i + 1 == n, part.len());
         out.extend_from_slice(part);
     }
-    out
+}
+
+/// Bytes a P-DATA-TF PDU with one PDV adds to its payload: the PDU header (6) and the PDV
+/// item header (4 + 2).
+const PDU_OVERHEAD: usize = 12;
+
+/// The most payload one PDV may carry when the peer accepts PDUs of `peer_max` bytes
+/// (0 = unlimited): PDU length = PDV item length field (4) + PDV header (2) + payload.
+fn pdv_payload(peer_max: u32) -> usize {
+    let peer_max = if peer_max == 0 {
+        u32::MAX
+    } else {
+        peer_max.max(pdu::MINIMUM_PDU_SIZE)
+    };
+    (peer_max - 6).min(1 << 24) as usize
+}
+
+fn pdata_header(out: &mut Vec<u8>, pc_id: u8, is_command: bool, last: bool, len: usize) {
+    out.push(0x04);
+    out.push(0);
+    out.extend_from_slice(&(len as u32 + 6).to_be_bytes());
+    out.extend_from_slice(&(len as u32 + 2).to_be_bytes());
+    out.push(pc_id);
+    out.push(u8::from(is_command) | if last { 2 } else { 0 });
+}
+
+/// A data set laid out as P-DATA-TF PDUs, with room in front for the command that goes with
+/// it, so that command and data set leave in one write without copying the data set again.
+#[derive(Debug)]
+pub struct Framed {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+/// Room left in front of a [`Framed`] data set: a C-STORE-RQ with two 64-character UIDs and
+/// a Move Originator fits.
+const COMMAND_ROOM: usize = 512;
+
+impl Framed {
+    /// Reads `len` data set bytes from `r` straight into P-DATA-TF PDUs (as
+    /// [`encode_pdata`] would frame them) on context `pc_id` for a peer that accepts PDUs of
+    /// `peer_max` bytes. Each byte is copied once, from the reader into its PDU.
+    ///
+    /// # Errors
+    /// Read errors; `UnexpectedEof` when `r` holds fewer than `len` bytes.
+    pub fn read_from(
+        mut r: impl std::io::Read,
+        len: usize,
+        pc_id: u8,
+        peer_max: u32,
+    ) -> std::io::Result<Self> {
+        use std::io::Read as _;
+        let chunk = pdv_payload(peer_max);
+        let mut buf = Vec::with_capacity(COMMAND_ROOM + len + PDU_OVERHEAD * (len / chunk + 1));
+        buf.resize(COMMAND_ROOM, 0);
+        let mut left = len;
+        loop {
+            let n = left.min(chunk);
+            pdata_header(&mut buf, pc_id, false, n == left, n);
+            // read_to_end appends into spare capacity without zeroing it first.
+            let got = (&mut r).take(n as u64).read_to_end(&mut buf)?;
+            if got < n {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            left -= n;
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(Self {
+            buf,
+            start: COMMAND_ROOM,
+        })
+    }
+
+    /// Frames a data set held in memory (a copy).
+    pub fn from_bytes(data: &[u8], pc_id: u8, peer_max: u32) -> Self {
+        let mut buf = vec![0; COMMAND_ROOM];
+        append_pdata(&mut buf, pc_id, false, data, peer_max);
+        Self {
+            buf,
+            start: COMMAND_ROOM,
+        }
+    }
+
+    /// The data set's PDUs.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// The encoded `command` PDUs followed by the data set's, when the command fits in the
+    /// room in front; `None` otherwise (send them one after the other).
+    pub fn with_command(&mut self, command: &[u8]) -> Option<&[u8]> {
+        let at = self.start.checked_sub(command.len())?;
+        self.buf[at..self.start].copy_from_slice(command);
+        Some(&self.buf[at..])
+    }
 }
 
 #[cfg(test)]
@@ -188,6 +281,30 @@ mod tests {
         assert_eq!(got, data);
         assert_eq!(lasts.iter().filter(|l| **l).count(), 1);
         assert!(*lasts.last().unwrap());
+    }
+
+    #[test]
+    fn framed_reading_lays_out_the_same_pdus_as_encoding() {
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 7) as u8).collect();
+        for (len, max) in [(70_000, 16_384), (70_000, 0), (0, 16_384), (16_378, 16_384)] {
+            let mut f = Framed::read_from(&data[..len], len, 5, max).unwrap();
+            let expected = encode_pdata(5, false, &data[..len], max);
+            assert_eq!(f.data(), &expected[..], "len {len}, max {max}");
+            let command = encode_pdata(5, true, b"command set", max);
+            let mut both = command.clone();
+            both.extend_from_slice(&expected);
+            assert_eq!(f.with_command(&command).unwrap(), &both[..]);
+            assert_eq!(
+                Framed::from_bytes(&data[..len], 5, max).data(),
+                &expected[..]
+            );
+        }
+        // A short file is an error, not a short data set.
+        let e = Framed::read_from(&data[..100], 200, 1, 0).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        // A command too large for the room in front is refused, not truncated.
+        let mut f = Framed::from_bytes(b"xy", 1, 0);
+        assert!(f.with_command(&vec![0; 4096]).is_none());
     }
 
     #[test]

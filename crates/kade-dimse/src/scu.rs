@@ -179,6 +179,11 @@ impl ScuAssociation {
             .ok_or(ScuError::Aborted)
     }
 
+    /// The largest PDU the peer accepts (0: no limit).
+    pub fn peer_max_pdu(&self) -> u32 {
+        self.peer_max_pdu
+    }
+
     /// The accepted context (id, transfer syntax) for an abstract syntax.
     pub fn context(&self, abstract_syntax: &str) -> Option<(u8, &str)> {
         self.accepted
@@ -208,10 +213,35 @@ impl ScuAssociation {
         dataset: &[u8],
         move_originator: Option<(&str, u16)>,
     ) -> Result<u16, ScuError> {
+        let framed = pdu::Framed::from_bytes(dataset, pc, self.peer_max_pdu);
+        self.store_framed(pc, sop_class, sop_instance, framed, move_originator)
+            .await
+    }
+
+    /// As [`Self::store_on`], with the data set already framed as PDUs for this peer
+    /// ([`Self::peer_max_pdu`]).
+    ///
+    /// # Errors
+    /// Protocol or connection failures.
+    pub async fn store_framed(
+        &mut self,
+        pc: u8,
+        sop_class: &str,
+        sop_instance: &str,
+        mut dataset: pdu::Framed,
+        move_originator: Option<(&str, u16)>,
+    ) -> Result<u16, ScuError> {
         let id = self.msg_id();
         let cs = store_request(id, sop_class, sop_instance, move_originator);
-        self.send(pc, true, &cs.encode()).await?;
-        self.send(pc, false, dataset).await?;
+        let command = pdu::encode_pdata(pc, true, &cs.encode(), self.peer_max_pdu);
+        match dataset.with_command(&command) {
+            // Command and data set in one write.
+            Some(both) => self.wr.write_all(both).await?,
+            None => {
+                self.wr.write_all(&command).await?;
+                self.wr.write_all(dataset.data()).await?;
+            }
+        }
         self.response_status().await
     }
 

@@ -434,6 +434,8 @@ pub struct InstanceRow {
     pub blob_key: String,
     /// Bits Allocated (whether a codec can decode it depends on it).
     pub bits_allocated: Option<i64>,
+    /// Patient ID of its patient ('' when the instance had none), for the audit log.
+    pub patient_id: String,
 }
 
 fn conditions<K: Copy + std::fmt::Debug>(
@@ -584,8 +586,9 @@ impl Index {
         let text = finish_sql(
             "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.instance_number, \
              i.pixel_rows, i.pixel_columns, i.number_of_frames, i.transfer_syntax_uid, i.blob_key, \
-             i.bits_allocated FROM instances i \
-             JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = se.study_fk"
+             i.bits_allocated, p.patient_id FROM instances i \
+             JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = se.study_fk \
+             JOIN patients p ON p.id = st.patient_fk"
                 .into(),
             &sql,
             "i.instance_number, i.sop_uid",
@@ -608,6 +611,7 @@ impl Index {
                     transfer_syntax_uid: r.try_get(8)?,
                     blob_key: r.try_get(9)?,
                     bits_allocated: r.try_get(10)?,
+                    patient_id: r.try_get(11)?,
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;

@@ -420,6 +420,13 @@ impl BlobStore {
         Ok(r.bytes().await?)
     }
 
+    /// The file that holds blob `key` on the local backend (`None` on S3), for readers that
+    /// lay a blob out themselves, such as the DIMSE retrieve, which reads a data set straight
+    /// into P-DATA-TF PDUs. Keys are validated UIDs, so the path stays under the root.
+    pub fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.local_root.as_ref().map(|root| root.join(key))
+    }
+
     /// Streams a blob in chunks.
     ///
     /// # Errors
