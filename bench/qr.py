@@ -10,7 +10,10 @@ associations), then measures with pynetdicom as the SCU (one association per mea
     the studies), StudyDate (a range holding ~10 %) and ModalitiesInStudy=CT (a third of the
     studies); both servers must return the same number of matches;
   - C-MOVE of one study of --move-instances 512x512 16-bit CT instances to a DCMTK storescp
-    started here (which receives and discards: --ignore), instances/s, best of 3.
+    started here (which receives and discards: --ignore), instances/s, best of 3;
+  - C-FIND latency again with bench/rawfind.py, a client that reads the responses without
+    decoding the matches: the servers' own time (for large answers findscu's and pynetdicom's
+    decoding of each match is most of what they measure).
 
 Kade runs with its defaults (SQLite + files) and a peer entry for the SCU; Orthanc with
 LimitFindResults/LimitFindInstances 0 and the storescp as a known modality, otherwise defaults.
@@ -30,6 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dicomweb as dw  # noqa: E402  (the generator and the server wrappers)
+from rawfind import RawFind  # noqa: E402
 
 from pydicom.dataset import Dataset  # noqa: E402
 from pynetdicom import AE  # noqa: E402
@@ -96,6 +100,24 @@ def find_latency(port, called, keys, n, warmup):
             count = matches
     finally:
         assoc.release()
+    times.sort()
+    return {"p50": dw.pct(times, 50), "p95": dw.pct(times, 95), "count": count}
+
+
+def raw_latency(port, called, keys, n, warmup):
+    """p50 / p95 with bench/rawfind.py, a client that reads the matches without decoding
+    them: the servers' own latency."""
+    c = RawFind(dw.HOST, port, called)
+    times, count = [], 0
+    try:
+        for i in range(n + warmup):
+            count, status, dt = c.find(identifier(keys))
+            if status != 0:
+                sys.exit(f"qr.py: {called}: C-FIND ended with status {status:#06x}")
+            if i >= warmup:
+                times.append(dt * 1000)
+    finally:
+        c.release()
     times.sort()
     return {"p50": dw.pct(times, 50), "p95": dw.pct(times, 95), "count": count}
 
@@ -216,6 +238,8 @@ Examples:
             for label, keys in QUERIES:
                 r[label] = find_latency(server.dicom, server.called, keys, a.requests, a.warmup)
                 r[label]["findscu"] = findscu_mean(server.dicom, server.called, keys, a.requests)
+                r[label]["raw"] = raw_latency(server.dicom, server.called, keys, a.requests,
+                                              a.warmup)
                 dw.log(f"{name}: C-FIND {label}: {r[label]}")
             r["move"] = move_rate(server.dicom, server.called, data["stow_study"], "STORESCP",
                                   len(data["stow"]))
@@ -242,6 +266,14 @@ Examples:
             if len(names) == 2 and results["Orthanc"][label]["findscu"] > 0:
                 ratio = (f" | {results['Kade'][label]['findscu'] / results['Orthanc'][label]['findscu']:.2f}x")
             print(f"| C-FIND {label}, findscu mean ms | " + " | ".join(cells) + ratio + " |")
+        for label, _ in QUERIES:
+            cells = [f"{results[n][label]['raw']['p50']:.1f} / {results[n][label]['raw']['p95']:.1f}"
+                     for n in names]
+            ratio = ""
+            if len(names) == 2:
+                k, o = results["Kade"][label]["raw"], results["Orthanc"][label]["raw"]
+                ratio = f" | {k['p50'] / o['p50']:.2f}x / {k['p95'] / o['p95']:.2f}x"
+            print(f"| C-FIND {label}, raw client p50 / p95 ms | " + " | ".join(cells) + ratio + " |")
         cells = [f"{results[n]['move']:.0f}" for n in names]
         ratio = (f" | {results['Kade']['move'] / results['Orthanc']['move']:.2f}x"
                  if len(names) == 2 else "")
@@ -253,6 +285,8 @@ Examples:
         print(f"- p50 / p95: pynetdicom SCU, one association per measurement, {a.requests} queries "
               f"after {a.warmup} warm-up; time to the final C-FIND response (pynetdicom's own "
               f"decoding costs about 1.7 ms per match on this machine, for both servers)")
+        print(f"- raw client: bench/rawfind.py, which reads the responses without decoding the "
+              f"matches (the servers' own time), {a.requests} queries after {a.warmup} warm-up")
         print(f"- findscu mean: DCMTK findscu --repeat {a.requests + 1} minus --repeat 1, "
               f"divided by {a.requests}")
         if len(names) == 2:
