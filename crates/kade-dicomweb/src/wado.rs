@@ -183,7 +183,9 @@ async fn retrieve(
         format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
     let store = web.store.clone();
     let b = boundary.clone();
-    let parts = futures::stream::iter(rows).then(move |r| {
+    // Two parts in flight: the next instance's first piece (all of it, for most instances) is
+    // read while the current one is sent. Memory stays bounded by the store's piece size.
+    let parts = futures::stream::iter(rows).map(move |r| {
         let store = store.clone();
         let b = b.clone();
         async move {
@@ -248,6 +250,7 @@ async fn retrieve(
     });
     let end = multipart::closing(&boundary);
     let stream = parts
+        .buffered(2)
         .flatten()
         .chain(futures::stream::once(async move { Ok(end) }));
     let mut res = Body::from_stream(stream).into_response();

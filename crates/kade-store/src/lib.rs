@@ -436,38 +436,51 @@ impl BlobStore {
         key: &str,
     ) -> Result<BoxStream<'static, Result<Bytes, StoreError>>, StoreError> {
         if let Some(root) = &self.local_root {
-            // Read local files in large pieces: the object store's file stream yields small
-            // chunks, each through a blocking task, which capped WADO-RS at a few hundred MB/s.
-            use tokio::io::AsyncReadExt;
+            // Local files are read in large pieces, each in one blocking task (open and first
+            // piece together), and the first piece before this returns: a caller that asks for
+            // the next blob's stream while sending the current one reads ahead. The object
+            // store's file stream yields small chunks, each through a blocking task, which
+            // capped WADO-RS at a few hundred MB/s; tokio's file reads cost a task apiece too.
             let path = root.join(key);
-            let file = match tokio::fs::File::open(&path).await {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let opened = tokio::task::spawn_blocking(move || {
+                let first = std::fs::File::open(&path).and_then(|mut f| {
+                    let size = f.metadata()?.len();
+                    let first = read_piece(&mut f, size)?;
+                    Ok((f, size - first.len() as u64, first))
+                });
+                (first, path)
+            })
+            .await
+            .map_err(|e| StoreError::io("read", root, std::io::Error::other(e)))?;
+            let (file, left, first, path) = match opened {
+                (Ok((f, left, first)), path) => (f, left, first, path),
+                (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(StoreError::NotFound(key.to_owned()));
                 }
-                Err(e) => return Err(StoreError::io("open", &path, e)),
+                (Err(e), path) => return Err(StoreError::io("read", &path, e)),
             };
-            const PIECE: usize = 512 * 1024;
-            let stream = futures::stream::try_unfold((file, path), |(mut f, path)| async move {
-                let mut buf = bytes::BytesMut::zeroed(PIECE);
-                let mut filled = 0;
-                while filled < PIECE {
-                    let n = f
-                        .read(&mut buf[filled..])
-                        .await
-                        .map_err(|e| StoreError::io("read", &path, e))?;
-                    if n == 0 {
-                        break;
+            let rest = futures::stream::try_unfold((file, left, path), |(mut f, left, path)| {
+                async move {
+                    if left == 0 {
+                        return Ok(None);
                     }
-                    filled += n;
+                    let (f, piece, path) = tokio::task::spawn_blocking(move || {
+                        let r = read_piece(&mut f, left);
+                        (f, r, path)
+                    })
+                    .await
+                    .map_err(|e| StoreError::io("read", Path::new(""), std::io::Error::other(e)))?;
+                    let piece = piece.map_err(|e| StoreError::io("read", &path, e))?;
+                    if piece.is_empty() {
+                        // The file is shorter than it was: end here rather than loop.
+                        return Ok(None);
+                    }
+                    let left = left.saturating_sub(piece.len() as u64);
+                    Ok(Some((piece, (f, left, path))))
                 }
-                if filled == 0 {
-                    return Ok(None);
-                }
-                buf.truncate(filled);
-                Ok(Some((buf.freeze(), (f, path))))
             });
-            return Ok(stream.boxed());
+            let first = (!first.is_empty()).then_some(Ok(first));
+            return Ok(futures::stream::iter(first).chain(rest).boxed());
         }
         let r = self
             .store
@@ -524,6 +537,19 @@ impl BlobStore {
             })
             .boxed()
     }
+}
+
+/// How much of a local blob [`BlobStore::get_stream`] reads at a time.
+const PIECE: usize = 4 << 20;
+
+/// Reads the next piece of a file with `left` bytes still to read: up to [`PIECE`] bytes,
+/// without zeroing the buffer first.
+fn read_piece(f: &mut std::fs::File, left: u64) -> std::io::Result<Bytes> {
+    use std::io::Read;
+    let want = left.min(PIECE as u64);
+    let mut buf = Vec::with_capacity(want as usize);
+    f.take(want).read_to_end(&mut buf)?;
+    Ok(Bytes::from(buf))
 }
 
 fn not_found(key: &str, e: object_store::Error) -> StoreError {
