@@ -387,7 +387,12 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
         assert!(start < done, "[{}] {tail}", b.name);
         for e in [&moves[start], &moves[done]] {
             assert_eq!(e["study_uid"], spec.study_uid.as_str(), "[{}] {e}", b.name);
-            assert_eq!(e["patient_id"], spec.patient_id.as_str(), "[{}] {e}", b.name);
+            assert_eq!(
+                e["patient_id"],
+                spec.patient_id.as_str(),
+                "[{}] {e}",
+                b.name
+            );
         }
 
         // A destination that takes only uncompressed data gets a JPEG instance decompressed:
