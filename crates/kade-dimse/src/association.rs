@@ -666,19 +666,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 );
             }
         };
-        let plan: Vec<_> = instances
-            .iter()
-            .map(|i| {
-                c_move::choose(
-                    |c, t| out.context_in(c, t),
-                    &i.sop_class_uid,
-                    &i.transfer_syntax_uid,
-                )
-            })
-            .collect();
-        let mut blobs = c_move::read_ahead(
+        let (plan, mut blobs) = c_move::start(
             self.ctx.ingest.store().clone(),
-            jobs(&instances, &plan),
+            &instances,
+            |c, t| out.context_in(c, t),
             out.peer_max_pdu(),
         );
         let mut failed = Vec::new();
@@ -871,24 +862,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         if !instances.is_empty() {
             self.audit_retrieve_start(source, "C-GET", &subject).await;
         }
-        let plan: Vec<_> = instances
-            .iter()
-            .map(|i| {
-                c_move::choose(
-                    |class, t| {
-                        neg.contexts
-                            .iter()
-                            .find(|(_, c)| c.abstract_syntax == class && c.transfer_syntax == t)
-                            .map(|(&pc, _)| pc)
-                    },
-                    &i.sop_class_uid,
-                    &i.transfer_syntax_uid,
-                )
-            })
-            .collect();
-        let mut blobs = c_move::read_ahead(
+        let (plan, mut blobs) = c_move::start(
             self.ctx.ingest.store().clone(),
-            jobs(&instances, &plan),
+            &instances,
+            |class, t| {
+                neg.contexts
+                    .iter()
+                    .find(|(_, c)| c.abstract_syntax == class && c.transfer_syntax == t)
+                    .map(|(&pc, _)| pc)
+            },
             self.peer_max_pdu,
         );
         let mut failed = Vec::new();
@@ -1285,24 +1267,4 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
             std::future::pending::<()>().await;
         }
     }
-}
-
-/// The read-ahead jobs of a retrieve: what to read and re-encode for each instance that has
-/// a presentation context (`plan`, from [`crate::c_move::choose`]).
-fn jobs(
-    instances: &[kade_index::query::InstanceRow],
-    plan: &[Option<(u8, Option<&'static str>)>],
-) -> Vec<Option<crate::c_move::Job>> {
-    instances
-        .iter()
-        .zip(plan)
-        .map(|(i, chosen)| {
-            chosen.map(|(pc, target)| crate::c_move::Job {
-                key: i.blob_key.clone(),
-                stored: i.transfer_syntax_uid.clone(),
-                target,
-                pc,
-            })
-        })
-        .collect()
 }

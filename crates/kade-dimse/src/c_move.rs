@@ -323,6 +323,39 @@ pub struct Job {
     pub pc: u8,
 }
 
+/// How one instance of a retrieve goes: presentation context and re-encoding target (`None`:
+/// as stored), or `None` when the peer takes it in no context.
+pub type Choice = Option<(u8, Option<&'static str>)>;
+
+/// Plans a retrieve of `instances` over the accepted presentation contexts (`context(class,
+/// ts)` finds one) and starts reading them ahead ([`read_ahead`]). Returns, for each
+/// instance, the context and re-encoding chosen by [`choose`] (`None`: the peer takes it in
+/// no context), and the receiver of the instances' framed data sets, in the same order.
+pub fn start(
+    store: kade_store::BlobStore,
+    instances: &[InstanceRow],
+    context: impl Fn(&str, &str) -> Option<u8>,
+    peer_max: u32,
+) -> (Vec<Choice>, tokio::sync::mpsc::Receiver<Option<Framed>>) {
+    let plan: Vec<_> = instances
+        .iter()
+        .map(|i| choose(&context, &i.sop_class_uid, &i.transfer_syntax_uid))
+        .collect();
+    let jobs = instances
+        .iter()
+        .zip(&plan)
+        .map(|(i, chosen)| {
+            chosen.map(|(pc, target)| Job {
+                key: i.blob_key.clone(),
+                stored: i.transfer_syntax_uid.clone(),
+                target,
+                pc,
+            })
+        })
+        .collect();
+    (plan, read_ahead(store, jobs, peer_max))
+}
+
 /// Reads the data sets of a retrieve in a task of their own, [`READ_AHEAD`] ahead of the
 /// sender, laid out as P-DATA-TF PDUs for a peer accepting PDUs of `peer_max` bytes, so that
 /// reading (and re-encoding) the next instance overlaps sending the current one. A local
