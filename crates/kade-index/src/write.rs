@@ -18,7 +18,9 @@ pub struct NewInstance<'a> {
     pub size_bytes: u64,
     /// SHA-256 of the blob, lowercase hex.
     pub sha256: &'a str,
-    /// SHA-256 of the dataset part of the blob (after the File Meta group), lowercase hex.
+    /// SHA-256 of the dataset part of the blob (after the File Meta group), lowercase hex;
+    /// empty when not computed (ingest computes it only when it compares two instances whose
+    /// blobs differ; the blob's SHA-256 identifies the data set otherwise).
     pub dataset_sha256: &'a str,
     /// Calling AE title (DIMSE) or principal (HTTP) that sent it.
     pub source_ae: Option<&'a str>,
@@ -35,7 +37,10 @@ pub struct ExistingInstance {
     pub id: i64,
     /// Its blob.
     pub blob_key: String,
-    /// Its dataset digest, to tell a resend of the same object from a different object.
+    /// Its blob's SHA-256.
+    pub sha256: String,
+    /// Its dataset digest, to tell a resend of the same object from a different object
+    /// (empty when not computed).
     pub dataset_sha256: String,
 }
 
@@ -534,15 +539,18 @@ pub async fn find_instance(
     conn: &mut AnyConnection,
     sop_uid: &str,
 ) -> Result<Option<ExistingInstance>, IndexError> {
-    let row = sqlx::query("SELECT id, blob_key, dataset_sha256 FROM instances WHERE sop_uid = $1")
-        .bind(sop_uid)
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row = sqlx::query(
+        "SELECT id, blob_key, sha256, dataset_sha256 FROM instances WHERE sop_uid = $1",
+    )
+    .bind(sop_uid)
+    .fetch_optional(&mut *conn)
+    .await?;
     Ok(match row {
         Some(r) => Some(ExistingInstance {
             id: r.try_get(0)?,
             blob_key: r.try_get(1)?,
-            dataset_sha256: r.try_get(2)?,
+            sha256: r.try_get(2)?,
+            dataset_sha256: r.try_get(3)?,
         }),
         None => None,
     })

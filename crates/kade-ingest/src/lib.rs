@@ -157,7 +157,6 @@ impl Ingest {
             received,
             len: size,
             sha256,
-            dataset_sha256,
             expected,
         } = incoming.finish().await?;
         let t0 = std::time::Instant::now();
@@ -198,8 +197,15 @@ impl Ingest {
 
         // A resend is answered from the index alone.
         let existing = self.indexed(a.sop_instance_uid.as_str()).await?;
+        let same = match &existing {
+            Some(e) => {
+                self.same_dataset(e, &sha256, New::Received(&received))
+                    .await?
+            }
+            None => false,
+        };
         let replacing = match existing {
-            Some(e) if e.dataset_sha256 == dataset_sha256 => {
+            Some(_) if same => {
                 tracing::debug!(sop = %a.sop_instance_uid, "identical instance already stored");
                 return Ok(Stored::AlreadyPresent(summary));
             }
@@ -225,7 +231,8 @@ impl Ingest {
             blob_key: key.as_str().to_owned(),
             size_bytes: size,
             sha256: sha256.clone(),
-            dataset_sha256: dataset_sha256.clone(),
+            // Not computed: see the incoming module.
+            dataset_sha256: String::new(),
             metadata_json: parsed.metadata_json,
         };
         let kind = if replacing.is_some() {
@@ -242,10 +249,13 @@ impl Ingest {
             Ok(InsertOutcome::Inserted { .. }) => {}
             Ok(InsertOutcome::Exists(e)) => {
                 // Lost a race with a concurrent store of the same SOP Instance UID.
+                let same = self
+                    .same_dataset(&e, &sha256, New::Stored(key.as_str()))
+                    .await;
                 if e.blob_key != key.as_str() {
                     self.discard_blob(key.as_str()).await;
                 }
-                return if e.dataset_sha256 == dataset_sha256 {
+                return if same? {
                     Ok(Stored::AlreadyPresent(summary))
                 } else {
                     self.conflict(source, a, summary).await
@@ -369,6 +379,53 @@ impl Ingest {
         Ok(matches!(outcome, InsertOutcome::Inserted { .. }))
     }
 
+    /// Whether the stored instance `e` has the data set of a new object whose SHA-256 is
+    /// `sha256` and whose bytes are `new`. Equal SHA-256 say yes at once; otherwise the two
+    /// data sets' digests are compared, computed from the blobs where the index has none.
+    async fn same_dataset(
+        &self,
+        e: &write::ExistingInstance,
+        sha256: &str,
+        new: New<'_>,
+    ) -> Result<bool, IngestError> {
+        if e.sha256 == sha256 {
+            return Ok(true);
+        }
+        let theirs = if e.dataset_sha256.is_empty() {
+            self.stored_dataset_digest(&e.blob_key).await?
+        } else {
+            Some(e.dataset_sha256.clone())
+        };
+        let ours = match new {
+            New::Received(r) => r.dataset_digest().await?,
+            New::Stored(key) => self.stored_dataset_digest(key).await?,
+        };
+        Ok(theirs.is_some() && theirs == ours)
+    }
+
+    /// The data set digest of stored blob `key`; `None` when it is missing or not Part 10.
+    async fn stored_dataset_digest(&self, key: &str) -> Result<Option<String>, IngestError> {
+        if let Some(path) = self.store.local_path(key) {
+            let read = incoming::blocking({
+                let path = path.clone();
+                move || std::fs::File::open(&path).and_then(incoming::dataset_digest)
+            })
+            .await;
+            return match read {
+                Ok(d) => Ok(d),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(read_error(&path, e)),
+            };
+        }
+        match self.store.get(key).await {
+            Ok(b) => Ok(incoming::blocking(move || incoming::dataset_digest(&b[..]))
+                .await
+                .map_err(|e| read_error(std::path::Path::new(key), e))?),
+            Err(StoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn conflict(
         &self,
         source: &Source,
@@ -456,4 +513,19 @@ fn event(
         ev.sop_uid = Some(a.sop_instance_uid.to_string());
     }
     ev
+}
+
+/// The new object [`Ingest::same_dataset`] compares: as received, or already stored.
+enum New<'a> {
+    Received(&'a incoming::Received),
+    Stored(&'a str),
+}
+
+fn read_error(path: &std::path::Path, source: std::io::Error) -> IngestError {
+    StoreError::Io {
+        op: "read",
+        path: path.to_owned(),
+        source,
+    }
+    .into()
 }
