@@ -84,35 +84,6 @@ pub(crate) enum Received {
     File(SpooledFile),
 }
 
-impl Received {
-    /// The SHA-256 of its data set (after the File Meta group), in a blocking task.
-    pub(crate) async fn dataset_digest(&self) -> Result<Option<String>, IngestError> {
-        match self {
-            Received::Memory(b) => {
-                let b = b.clone();
-                // Reading a slice cannot fail.
-                Ok(blocking(move || dataset_digest(&b[..]))
-                    .await
-                    .ok()
-                    .flatten())
-            }
-            Received::File(f) => {
-                let path = f.path().to_owned();
-                blocking(move || std::fs::File::open(&path).and_then(dataset_digest))
-                    .await
-                    .map_err(|source| {
-                        kade_store::StoreError::Io {
-                            op: "read",
-                            path: f.path().to_owned(),
-                            source,
-                        }
-                        .into()
-                    })
-            }
-        }
-    }
-}
-
 /// Runs `f` in a blocking task.
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)

@@ -195,35 +195,43 @@ impl Ingest {
             &sha256,
         );
 
-        // A resend is answered from the index alone.
-        let existing = self.indexed(a.sop_instance_uid.as_str()).await?;
-        let same = match &existing {
-            Some(e) => {
-                self.same_dataset(e, &sha256, New::Received(&received))
-                    .await?
-            }
-            None => false,
-        };
-        let replacing = match existing {
-            Some(_) if same => {
-                tracing::debug!(sop = %a.sop_instance_uid, "identical instance already stored");
-                return Ok(Stored::AlreadyPresent(summary));
-            }
-            Some(e) => match self.policy {
-                DuplicatePolicy::Reject | DuplicatePolicy::KeepExisting => {
-                    return self.conflict(source, a, summary).await;
-                }
-                DuplicatePolicy::Replace => Some(e),
-            },
-            None => None,
-        };
-
         let t_parsed = t0.elapsed();
         let payload = match received {
             incoming::Received::Memory(b) => Payload::Bytes(b),
             incoming::Received::File(f) => Payload::Spooled(f),
         };
-        let marker = self.store.put_journaled(&key, payload).await?;
+        // Whether the SOP Instance UID is taken is asked while the blob is written: a resend
+        // or a conflict is rare, and then the new blob is removed again.
+        let (existing, marker) = tokio::join!(
+            self.indexed(a.sop_instance_uid.as_str()),
+            self.store.put_journaled(&key, payload)
+        );
+        let marker = marker?;
+        let existing = match existing {
+            Ok(e) => e,
+            Err(e) => {
+                self.discard_blob(key.as_str()).await;
+                return Err(e);
+            }
+        };
+        let replacing = match existing {
+            Some(e) => {
+                let same = self.same_dataset(&e, &sha256, key.as_str()).await;
+                let replace = matches!(same, Ok(false)) && self.policy == DuplicatePolicy::Replace;
+                if e.blob_key != key.as_str() && !replace {
+                    self.discard_blob(key.as_str()).await;
+                }
+                if same? {
+                    tracing::debug!(sop = %a.sop_instance_uid, "identical instance already stored");
+                    return Ok(Stored::AlreadyPresent(summary));
+                }
+                if !replace {
+                    return self.conflict(source, a, summary).await;
+                }
+                Some(e)
+            }
+            None => None,
+        };
         let t_stored = t0.elapsed();
         let rec = commit::Record {
             attrs: a.clone(),
@@ -249,9 +257,7 @@ impl Ingest {
             Ok(InsertOutcome::Inserted { .. }) => {}
             Ok(InsertOutcome::Exists(e)) => {
                 // Lost a race with a concurrent store of the same SOP Instance UID.
-                let same = self
-                    .same_dataset(&e, &sha256, New::Stored(key.as_str()))
-                    .await;
+                let same = self.same_dataset(&e, &sha256, key.as_str()).await;
                 if e.blob_key != key.as_str() {
                     self.discard_blob(key.as_str()).await;
                 }
@@ -379,14 +385,14 @@ impl Ingest {
         Ok(matches!(outcome, InsertOutcome::Inserted { .. }))
     }
 
-    /// Whether the stored instance `e` has the data set of a new object whose SHA-256 is
-    /// `sha256` and whose bytes are `new`. Equal SHA-256 say yes at once; otherwise the two
-    /// data sets' digests are compared, computed from the blobs where the index has none.
+    /// Whether the stored instance `e` has the data set of the new object stored under `key`,
+    /// whose SHA-256 is `sha256`. Equal SHA-256 say yes at once; otherwise the two data sets'
+    /// digests are compared, computed from the blobs where the index has none.
     async fn same_dataset(
         &self,
         e: &write::ExistingInstance,
         sha256: &str,
-        new: New<'_>,
+        key: &str,
     ) -> Result<bool, IngestError> {
         if e.sha256 == sha256 {
             return Ok(true);
@@ -396,10 +402,7 @@ impl Ingest {
         } else {
             Some(e.dataset_sha256.clone())
         };
-        let ours = match new {
-            New::Received(r) => r.dataset_digest().await?,
-            New::Stored(key) => self.stored_dataset_digest(key).await?,
-        };
+        let ours = self.stored_dataset_digest(key).await?;
         Ok(theirs.is_some() && theirs == ours)
     }
 
@@ -513,12 +516,6 @@ fn event(
         ev.sop_uid = Some(a.sop_instance_uid.to_string());
     }
     ev
-}
-
-/// The new object [`Ingest::same_dataset`] compares: as received, or already stored.
-enum New<'a> {
-    Received(&'a incoming::Received),
-    Stored(&'a str),
 }
 
 fn read_error(path: &std::path::Path, source: std::io::Error) -> IngestError {
