@@ -17,7 +17,10 @@
 //!   named in the store's journal until a later sync covers its row, and [`Ingest::recover`]
 //!   re-indexes journaled blobs whose rows a power cut lost (see the `commit` module).
 //! - The same instance sent twice is stored once; both sends succeed. A *different* object
-//!   with an existing SOP Instance UID is handled by [`DuplicatePolicy`] and audited.
+//!   with an existing SOP Instance UID is handled by [`DuplicatePolicy`] and audited. The
+//!   index is asked while the new blob is written; when the object turns out to be a resend
+//!   or is refused, its new blob is removed again (a crash in between leaves an orphan blob:
+//!   recovery does not index it over the existing row, and `kade fsck` removes it).
 
 mod commit;
 pub mod incoming;
