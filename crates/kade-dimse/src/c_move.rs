@@ -253,8 +253,11 @@ impl Subject {
             }
             v.join(",")
         };
+        // An instance without a Patient ID has '' in the index: no patient to name.
         let single = |set: &BTreeSet<&str>| {
-            (set.len() == 1).then(|| set.iter().next().map(|s| (*s).to_owned()))?
+            (set.len() == 1)
+                .then(|| set.iter().next().filter(|s| !s.is_empty()))?
+                .map(|s| (*s).to_owned())
         };
         Subject {
             patient_id: single(&patients),
