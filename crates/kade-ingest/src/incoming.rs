@@ -94,32 +94,107 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + '
 /// The SHA-256 (lowercase hex) of the data set of the Part 10 object `r` reads: the bytes
 /// after the File Meta group. `None` when `r` is not a Part 10 object.
 pub(crate) fn dataset_digest(mut r: impl std::io::Read) -> std::io::Result<Option<String>> {
-    let mut head = [0u8; 144];
-    match r.read_exact(&mut head) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    if &head[128..132] != b"DICM" {
-        return Ok(None);
-    }
-    let group = u64::from(u32::from_le_bytes([
-        head[140], head[141], head[142], head[143],
-    ]));
-    let mut meta = std::io::Read::take(&mut r, group);
-    if std::io::copy(&mut meta, &mut std::io::sink())? < group {
-        return Ok(None);
-    }
-    let mut hash = Sha256::new();
+    let mut d = DatasetDigest::default();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = r.read(&mut buf)?;
         if n == 0 {
-            break;
+            return Ok(d.finish());
         }
-        hash.update(&buf[..n]);
+        d.update(&buf[..n]);
     }
-    Ok(Some(hex::encode(hash.finalize())))
+}
+
+/// The SHA-256 of a Part 10 object's data set, fed the object's bytes in pieces of any size
+/// (a stream from the object store holds no more than one piece in memory).
+#[derive(Debug, Default)]
+pub(crate) struct DatasetDigest {
+    /// The first 144 bytes: preamble, `DICM`, File Meta Information Group Length.
+    head: Vec<u8>,
+    /// File Meta bytes still to skip, once the head is complete.
+    skip: Option<u64>,
+    hash: Sha256,
+    not_part10: bool,
+}
+
+impl DatasetDigest {
+    /// Feeds the next bytes of the object.
+    pub(crate) fn update(&mut self, mut buf: &[u8]) {
+        if self.not_part10 {
+            return;
+        }
+        let skip = match &mut self.skip {
+            Some(skip) => skip,
+            None => {
+                let take = (144 - self.head.len()).min(buf.len());
+                self.head.extend_from_slice(&buf[..take]);
+                buf = &buf[take..];
+                if self.head.len() < 144 {
+                    return;
+                }
+                if &self.head[128..132] != b"DICM" {
+                    self.not_part10 = true;
+                    return;
+                }
+                let h = &self.head;
+                self.skip.insert(u64::from(u32::from_le_bytes([
+                    h[140], h[141], h[142], h[143],
+                ])))
+            }
+        };
+        let n = (*skip).min(buf.len() as u64);
+        *skip -= n;
+        self.hash.update(&buf[n as usize..]);
+    }
+
+    /// The digest (lowercase hex); `None` when the bytes were not a whole Part 10 header.
+    pub(crate) fn finish(self) -> Option<String> {
+        (!self.not_part10 && self.skip == Some(0)).then(|| hex::encode(self.hash.finalize()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part10(meta: &[u8], dataset: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; 128];
+        v.extend_from_slice(b"DICM");
+        v.extend_from_slice(&[2, 0, 0, 0, b'U', b'L', 4, 0]);
+        v.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        v.extend_from_slice(meta);
+        v.extend_from_slice(dataset);
+        v
+    }
+
+    #[test]
+    fn data_set_digest_is_the_same_in_any_pieces() {
+        let dataset: Vec<u8> = (0..10_000u32).map(|i| (i * 31) as u8).collect();
+        let bytes = part10(&[7u8; 90], &dataset);
+        let want = hex::encode(Sha256::digest(&dataset));
+        for piece in [1, 7, 143, 144, 145, 4096, bytes.len()] {
+            let mut d = DatasetDigest::default();
+            bytes.chunks(piece).for_each(|c| d.update(c));
+            assert_eq!(
+                d.finish().as_deref(),
+                Some(want.as_str()),
+                "pieces of {piece}"
+            );
+        }
+        assert_eq!(dataset_digest(&bytes[..]).unwrap(), Some(want));
+        // An empty data set has the digest of nothing.
+        let empty = part10(&[1, 2], &[]);
+        assert_eq!(
+            dataset_digest(&empty[..]).unwrap(),
+            Some(hex::encode(Sha256::digest(b"")))
+        );
+        // Not Part 10, a head cut short, a File Meta group longer than the object: no digest.
+        let mut not = bytes.clone();
+        not[128] = b'X';
+        assert_eq!(dataset_digest(&not[..]).unwrap(), None);
+        assert_eq!(dataset_digest(&bytes[..100]).unwrap(), None);
+        assert_eq!(dataset_digest(&bytes[..200]).unwrap(), None);
+    }
 }
 
 /// What [`Incoming::finish`] returns.

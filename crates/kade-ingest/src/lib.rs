@@ -423,13 +423,18 @@ impl Ingest {
                 Err(e) => Err(read_error(&path, e)),
             };
         }
-        match self.store.get(key).await {
-            Ok(b) => Ok(incoming::blocking(move || incoming::dataset_digest(&b[..]))
-                .await
-                .map_err(|e| read_error(std::path::Path::new(key), e))?),
-            Err(StoreError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e.into()),
+        // Other backends: hashed as the stream comes, one piece in memory at a time.
+        use futures::StreamExt;
+        let mut stream = match self.store.get_stream(key).await {
+            Ok(s) => s,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut digest = incoming::DatasetDigest::default();
+        while let Some(piece) = stream.next().await {
+            digest.update(&piece?);
         }
+        Ok(digest.finish())
     }
 
     async fn conflict(
