@@ -262,10 +262,32 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         what: &str,
         subject: &crate::c_move::Subject,
     ) {
-        let mut ev = AuditEvent::new(EventKind::Retrieve, Outcome::Success, source.actor.clone())
-            .detail(format!("{what}: starting, {}", subject.summary));
+        let detail = format!("{what}: starting, {}", subject.summary);
+        self.audit_by(source, EventKind::Retrieve, true, detail, Some(subject))
+            .await;
+    }
+
+    /// Writes an audit entry of `kind` by the association's peer: `Success` when `ok`, else
+    /// `MinorFailure`, naming `subject`'s patient and study when given.
+    async fn audit_by(
+        &self,
+        source: &kade_ingest::Source,
+        kind: EventKind,
+        ok: bool,
+        detail: String,
+        subject: Option<&crate::c_move::Subject>,
+    ) {
+        let outcome = if ok {
+            Outcome::Success
+        } else {
+            Outcome::MinorFailure
+        };
+        let mut ev = AuditEvent::new(kind, outcome, source.actor.clone()).detail(detail);
         ev.actor_address = source.address.clone();
-        self.audit(subject.on(ev)).await;
+        if let Some(subject) = subject {
+            ev = subject.on(ev);
+        }
+        self.audit(ev).await;
     }
 
     async fn audit(&self, ev: AuditEvent) {
@@ -437,25 +459,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         )
         .await;
         // The access is in the audit log before any match leaves.
-        let outcome = if answer.last.status == Status::Success {
-            Outcome::Success
-        } else {
-            Outcome::MinorFailure
-        };
-        let mut ev =
-            AuditEvent::new(EventKind::Query, outcome, source.actor.clone()).detail(format!(
-                "{} matches; {}{}",
-                answer.matches.len(),
-                answer.keys,
-                answer
-                    .last
-                    .error_comment
-                    .as_deref()
-                    .map(|c| format!("; refused: {c}"))
-                    .unwrap_or_default()
-            ));
-        ev.actor_address = source.address.clone();
-        self.audit(ev).await;
+        let detail = format!(
+            "{} matches; {}{}",
+            answer.matches.len(),
+            answer.keys,
+            answer
+                .last
+                .error_comment
+                .as_deref()
+                .map(|c| format!("; refused: {c}"))
+                .unwrap_or_default()
+        );
+        let ok = answer.last.status == Status::Success;
+        self.audit_by(source, EventKind::Query, ok, detail, None)
+            .await;
         let pending = Response {
             command_field: crate::command::field::C_FIND_RSP,
             message_id,
@@ -540,25 +557,20 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             &ts,
         )
         .await?;
-        let outcome = if status == Status::Success {
-            Outcome::Success
-        } else {
-            Outcome::MinorFailure
-        };
-        let mut ev =
-            AuditEvent::new(EventKind::Retrieve, outcome, source.actor.clone()).detail(format!(
-                "C-MOVE to {destination}: {} completed, {} failed{}{}",
-                counts.completed,
-                counts.failed,
-                if failed.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", failed.join(","))
-                },
-                why.map(|w| format!("; {w}")).unwrap_or_default()
-            ));
-        ev.actor_address = source.address.clone();
-        self.audit(subject.on(ev)).await;
+        let detail = format!(
+            "C-MOVE to {destination}: {} completed, {} failed{}{}",
+            counts.completed,
+            counts.failed,
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", failed.join(","))
+            },
+            why.map(|w| format!("; {w}")).unwrap_or_default()
+        );
+        let ok = status == Status::Success;
+        self.audit_by(source, EventKind::Retrieve, ok, detail, Some(&subject))
+            .await;
         Ok(())
     }
 
@@ -794,20 +806,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 "expected the N-EVENT-REPORT response of a storage commitment".into(),
             ));
         }
-        let outcome_kind = if outcome.failed.is_empty() {
-            Outcome::Success
-        } else {
-            Outcome::MinorFailure
-        };
-        let mut ev = AuditEvent::new(EventKind::Commitment, outcome_kind, source.actor.clone())
-            .detail(format!(
-                "storage commitment {}: {} committed, {} failed",
-                req.transaction,
-                outcome.committed.len(),
-                outcome.failed.len()
-            ));
-        ev.actor_address = source.address.clone();
-        self.audit(ev).await;
+        let detail = format!(
+            "storage commitment {}: {} committed, {} failed",
+            req.transaction,
+            outcome.committed.len(),
+            outcome.failed.len()
+        );
+        let ok = outcome.failed.is_empty();
+        self.audit_by(source, EventKind::Commitment, ok, detail, None)
+            .await;
         Ok(())
     }
 
@@ -950,18 +957,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             pc_id, C_GET_RSP, message_id, sop_class, status, counts, None, &failed, &ts,
         )
         .await?;
-        let outcome = if status == Status::Success {
-            Outcome::Success
-        } else {
-            Outcome::MinorFailure
-        };
-        let mut ev =
-            AuditEvent::new(EventKind::Retrieve, outcome, source.actor.clone()).detail(format!(
-                "C-GET: {} completed, {} failed",
-                counts.completed, counts.failed
-            ));
-        ev.actor_address = source.address.clone();
-        self.audit(subject.on(ev)).await;
+        let detail = format!(
+            "C-GET: {} completed, {} failed",
+            counts.completed, counts.failed
+        );
+        let ok = status == Status::Success;
+        self.audit_by(source, EventKind::Retrieve, ok, detail, Some(&subject))
+            .await;
         Ok(())
     }
 

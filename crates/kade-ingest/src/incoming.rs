@@ -4,7 +4,7 @@
 //! is Kade's own (built from the request, Kade's implementation UID and version), so two
 //! objects with the same data set have the same SHA-256 as long as Kade's version is the same;
 //! the data set's own digest is needed only to tell a resend from a different object when the
-//! two SHA-256 differ, and is computed then ([`dataset_digest`]). This halves the hashing of
+//! two SHA-256 differ, and is computed then ([`DatasetDigest`]). This halves the hashing of
 //! every instance (SHA-256 was about a quarter of Kade's CPU time while storing).
 
 use bytes::Bytes;
@@ -84,27 +84,6 @@ pub(crate) enum Received {
     File(SpooledFile),
 }
 
-/// Runs `f` in a blocking task.
-pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("blocking task panicked")
-}
-
-/// The SHA-256 (lowercase hex) of the data set of the Part 10 object `r` reads: the bytes
-/// after the File Meta group. `None` when `r` is not a Part 10 object.
-pub(crate) fn dataset_digest(mut r: impl std::io::Read) -> std::io::Result<Option<String>> {
-    let mut d = DatasetDigest::default();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            return Ok(d.finish());
-        }
-        d.update(&buf[..n]);
-    }
-}
-
 /// The SHA-256 of a Part 10 object's data set, fed the object's bytes in pieces of any size
 /// (a stream from the object store holds no more than one piece in memory).
 #[derive(Debug, Default)]
@@ -167,6 +146,12 @@ mod tests {
         v
     }
 
+    fn digest(bytes: &[u8]) -> Option<String> {
+        let mut d = DatasetDigest::default();
+        d.update(bytes);
+        d.finish()
+    }
+
     #[test]
     fn data_set_digest_is_the_same_in_any_pieces() {
         let dataset: Vec<u8> = (0..10_000u32).map(|i| (i * 31) as u8).collect();
@@ -181,19 +166,16 @@ mod tests {
                 "pieces of {piece}"
             );
         }
-        assert_eq!(dataset_digest(&bytes[..]).unwrap(), Some(want));
+
         // An empty data set has the digest of nothing.
         let empty = part10(&[1, 2], &[]);
-        assert_eq!(
-            dataset_digest(&empty[..]).unwrap(),
-            Some(hex::encode(Sha256::digest(b"")))
-        );
+        assert_eq!(digest(&empty), Some(hex::encode(Sha256::digest(b""))));
         // Not Part 10, a head cut short, a File Meta group longer than the object: no digest.
         let mut not = bytes.clone();
         not[128] = b'X';
-        assert_eq!(dataset_digest(&not[..]).unwrap(), None);
-        assert_eq!(dataset_digest(&bytes[..100]).unwrap(), None);
-        assert_eq!(dataset_digest(&bytes[..200]).unwrap(), None);
+        assert_eq!(digest(&not), None);
+        assert_eq!(digest(&bytes[..100]), None);
+        assert_eq!(digest(&bytes[..200]), None);
     }
 }
 

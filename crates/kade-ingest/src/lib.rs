@@ -311,7 +311,7 @@ impl Ingest {
             if self.store.relink(&marker)? {
                 tracing::warn!(key, "restored the name of a blob from its journal marker");
             }
-            let Some((sop, digest)) = key_parts(&key) else {
+            let Some((sop, digest)) = BlobKey::instance_parts(&key) else {
                 continue;
             };
             let existing = self.indexed(sop).await?;
@@ -345,19 +345,15 @@ impl Ingest {
             Err(StoreError::NotFound(_)) => return Ok(false),
             Err(e) => return Err(e.into()),
         };
-        let (bytes, sha256, dataset_sha256, parsed) = tokio::task::spawn_blocking(move || {
+        let (bytes, sha256, parsed) = tokio::task::spawn_blocking(move || {
             use sha2::{Digest, Sha256};
             let sha256 = hex::encode(Sha256::digest(&bytes));
-            let dataset_sha256 =
-                parse::dataset_offset(&bytes).map(|at| hex::encode(Sha256::digest(&bytes[at..])));
             let parsed = parse::parse_bytes(&bytes);
-            (bytes, sha256, dataset_sha256, parsed)
+            (bytes, sha256, parsed)
         })
         .await
         .expect("hash task panicked");
-        let (Ok(parsed), Some(dataset_sha256), true) =
-            (parsed, dataset_sha256, sha256.starts_with(digest))
-        else {
+        let (Ok(parsed), true) = (parsed, sha256.starts_with(digest)) else {
             tracing::warn!(key, "deleting a blob whose write was cut short");
             self.discard_blob(key).await;
             return Ok(false);
@@ -373,7 +369,8 @@ impl Ingest {
             blob_key: key.to_owned(),
             size_bytes: bytes.len() as u64,
             sha256,
-            dataset_sha256,
+            // As for any new row: see the incoming module.
+            dataset_sha256: String::new(),
             metadata_json: parsed.metadata_json,
         };
         let outcome = self
@@ -410,20 +407,9 @@ impl Ingest {
     }
 
     /// The data set digest of stored blob `key`; `None` when it is missing or not Part 10.
+    /// The blob is hashed as its pieces come from the store (a rare path: a SOP Instance UID
+    /// taken by a blob with another digest), so a large one never sits in memory whole.
     async fn stored_dataset_digest(&self, key: &str) -> Result<Option<String>, IngestError> {
-        if let Some(path) = self.store.local_path(key) {
-            let read = incoming::blocking({
-                let path = path.clone();
-                move || std::fs::File::open(&path).and_then(incoming::dataset_digest)
-            })
-            .await;
-            return match read {
-                Ok(d) => Ok(d),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(read_error(&path, e)),
-            };
-        }
-        // Other backends: hashed as the stream comes, one piece in memory at a time.
         use futures::StreamExt;
         let mut stream = match self.store.get_stream(key).await {
             Ok(s) => s,
@@ -505,11 +491,6 @@ pub struct Recovered {
 
 /// The SOP Instance UID and digest prefix in an instance key
 /// (`dicom/{study}/{series}/{sop}.{digest}.dcm`).
-fn key_parts(key: &str) -> Option<(&str, &str)> {
-    let file = key.strip_prefix("dicom/")?.rsplit('/').next()?;
-    file.strip_suffix(".dcm")?.rsplit_once('.')
-}
-
 fn event(
     kind: EventKind,
     outcome: Outcome,
@@ -524,13 +505,4 @@ fn event(
         ev.sop_uid = Some(a.sop_instance_uid.to_string());
     }
     ev
-}
-
-fn read_error(path: &std::path::Path, source: std::io::Error) -> IngestError {
-    StoreError::Io {
-        op: "read",
-        path: path.to_owned(),
-        source,
-    }
-    .into()
 }

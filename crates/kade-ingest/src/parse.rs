@@ -52,16 +52,6 @@ fn prescan<R: Read + Seek>(mut f: R, size: u64) -> Result<Scanned, IngestError> 
     }
 }
 
-/// Where the data set starts in a Part 10 object (after the File Meta group), if it has one.
-pub(crate) fn dataset_offset(bytes: &[u8]) -> Option<usize> {
-    if bytes.get(128..132)? != b"DICM" {
-        return None;
-    }
-    let group_len = u32::from_le_bytes(bytes.get(140..144)?.try_into().ok()?);
-    let at = 144usize.checked_add(group_len as usize)?;
-    (at <= bytes.len()).then_some(at)
-}
-
 /// What ingest needs from a parsed instance.
 #[derive(Debug)]
 pub struct Parsed {

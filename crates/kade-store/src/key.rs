@@ -41,6 +41,24 @@ impl BlobKey {
         BlobKey(format!("exchange/{bundle_id}/{index:08}.chunk"))
     }
 
+    /// The SOP Instance UID and digest prefix named by an instance key (the inverse of
+    /// [`BlobKey::instance`]); `None` for any string that is not one.
+    pub fn instance_parts(key: &str) -> Option<(&str, &str)> {
+        let rest = key.strip_prefix("dicom/")?.strip_suffix(".dcm")?;
+        let mut parts = rest.split('/');
+        let (study, series, file) = (parts.next()?, parts.next()?, parts.next()?);
+        let (sop, digest) = file.rsplit_once('.')?;
+        let well_formed = parts.next().is_none()
+            && [study, series, sop]
+                .into_iter()
+                .all(|u| Uid::new(u).is_ok())
+            && digest.len() == 16
+            && digest
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        well_formed.then_some((sop, digest))
+    }
+
     /// The key as a string.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -62,5 +80,19 @@ mod tests {
         let u = |s: &str| Uid::new(s).unwrap();
         let k = BlobKey::instance(&u("1.2"), &u("1.2.3"), &u("1.2.3.4"), &"ab".repeat(32));
         assert_eq!(k.as_str(), "dicom/1.2/1.2.3/1.2.3.4.abababababababab.dcm");
+        assert_eq!(
+            BlobKey::instance_parts(k.as_str()),
+            Some(("1.2.3.4", "abababababababab"))
+        );
+        for bad in [
+            "dicom/1.2/1.2.3/1.2.3.4.abababababababab",
+            "dicom/1.2/1.2.3/x/1.2.3.4.abababababababab.dcm",
+            "dicom/1.2/1.2.3/1.2.3.4.ababababababab.dcm",
+            "dicom/1.2/1.2.3/1.2.3.4.ABABABABABABABAB.dcm",
+            "dicom/1.2/../1.2.3.4.abababababababab.dcm",
+            "exchange/00/00000001.chunk",
+        ] {
+            assert_eq!(BlobKey::instance_parts(bad), None, "{bad}");
+        }
     }
 }

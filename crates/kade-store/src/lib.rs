@@ -316,13 +316,7 @@ impl BlobStore {
                 path: entry.path(),
                 dirs: Vec::new(),
             };
-            let key = m.key();
-            let well_formed = key.starts_with("dicom/")
-                && key.ends_with(".dcm")
-                && key
-                    .bytes()
-                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'.' | b'/'));
-            if well_formed {
+            if BlobKey::instance_parts(&m.key()).is_some() {
                 markers.push(m);
             } else {
                 tracing::warn!(file = %m.path.display(), "ignoring a file in the journal directory that names no blob");
