@@ -46,7 +46,6 @@ pub(crate) struct Record {
     pub blob_key: String,
     pub size_bytes: u64,
     pub sha256: String,
-    pub dataset_sha256: String,
     pub metadata_json: String,
 }
 
@@ -261,7 +260,8 @@ fn new_instance(job: &Job) -> NewInstance<'_> {
         blob_key: &r.blob_key,
         size_bytes: r.size_bytes,
         sha256: &r.sha256,
-        dataset_sha256: &r.dataset_sha256,
+        // Ingest leaves it uncomputed: see the incoming module.
+        dataset_sha256: "",
         source_ae: job.source.ae_title.as_deref(),
         source_address: job.source.address.as_deref(),
         metadata_json: &r.metadata_json,

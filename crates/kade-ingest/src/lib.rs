@@ -242,8 +242,6 @@ impl Ingest {
             blob_key: key.as_str().to_owned(),
             size_bytes: size,
             sha256: sha256.clone(),
-            // Not computed: see the incoming module.
-            dataset_sha256: String::new(),
             metadata_json: parsed.metadata_json,
         };
         let kind = if replacing.is_some() {
@@ -369,8 +367,6 @@ impl Ingest {
             blob_key: key.to_owned(),
             size_bytes: bytes.len() as u64,
             sha256,
-            // As for any new row: see the incoming module.
-            dataset_sha256: String::new(),
             metadata_json: parsed.metadata_json,
         };
         let outcome = self
