@@ -21,6 +21,10 @@ use crate::{PeerDirectory, ServerOptions, c_echo, policy};
 /// Largest command set accepted (commands are a few hundred bytes).
 const MAX_COMMAND: usize = 64 * 1024;
 
+/// About how many bytes of C-FIND responses are gathered into one write: each write is a
+/// system call here and a wake-up at the peer, and a C-CANCEL is looked for between writes.
+const FIND_BATCH: usize = 16 * 1024;
+
 /// What an association needs from the node.
 #[derive(Debug)]
 pub struct Context {
@@ -481,28 +485,46 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
             status: Status::Pending,
             error_comment: None,
         };
-        let command = pdu::encode_pdata(pc_id, true, &pending.encode_with(true), self.peer_max_pdu);
-        let mut cancelled = false;
-        for m in &answer.matches {
+        let command = pending.encode_with(true);
+        // The first match goes out at once, the others in writes of about FIND_BATCH bytes,
+        // the last of them with the final response: a one-match answer is one write. A
+        // C-CANCEL is looked for before each match (a check of the socket's readiness, no
+        // system call while nothing has arrived); the matches not yet written are then
+        // dropped.
+        let n = answer.matches.len();
+        let mut out = Vec::with_capacity(FIND_BATCH + 4096);
+        let mut last = answer.last.clone();
+        for i in 0..n {
             if self.cancel_requested(message_id).await? {
-                cancelled = true;
+                out.clear();
+                last = Response {
+                    status: Status::Cancelled,
+                    error_comment: None,
+                    ..pending.clone()
+                };
                 break;
             }
-            self.send(&command).await?;
-            self.send(&pdu::encode_pdata(pc_id, false, m, self.peer_max_pdu))
-                .await?;
-        }
-        if cancelled {
-            let last = Response {
-                status: Status::Cancelled,
-                error_comment: None,
-                ..pending.clone()
+            let Some(identifier) = answer.matches.encode(i) else {
+                tracing::error!(message_id, "a C-FIND match could not be encoded");
+                last = Response {
+                    status: Status::UnableToProcess,
+                    error_comment: Some("cannot encode a match".into()),
+                    ..pending.clone()
+                };
+                break;
             };
-            self.respond(pc_id, &last).await?;
-        } else {
-            self.respond(pc_id, &answer.last).await?;
+            pdu::append_pdata(&mut out, pc_id, true, &command, self.peer_max_pdu);
+            pdu::append_pdata(&mut out, pc_id, false, &identifier, self.peer_max_pdu);
+            if (i == 0 && n > 1) || out.len() >= FIND_BATCH {
+                self.send(&out).await?;
+                out.clear();
+                // The runtime learns that the socket has data (a C-CANCEL) only when it polls
+                // for events, which a task that never waits does not let it do: yielding does.
+                tokio::task::yield_now().await;
+            }
         }
-        Ok(())
+        pdu::append_pdata(&mut out, pc_id, true, &last.encode(), self.peer_max_pdu);
+        self.send(&out).await
     }
 
     /// Runs a C-MOVE: sub-operations to the configured destination, pending responses with

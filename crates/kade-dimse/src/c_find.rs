@@ -3,7 +3,7 @@
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR, header::Header};
 use dicom_dictionary_std::tags;
-use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+use dicom_encoding::transfer_syntax::{TransferSyntax, TransferSyntaxIndex};
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use kade_index::Index;
@@ -86,12 +86,64 @@ const MATCH_KEYS: &[(Tag, StudyKey)] = &[
 /// The answer to one C-FIND-RQ: pending responses with their identifiers, then the final one.
 #[derive(Debug)]
 pub struct FindAnswer {
-    /// Encoded identifiers of the matches, in order.
-    pub matches: Vec<Vec<u8>>,
+    /// The matches, in order, encoded as they are sent.
+    pub matches: Matches,
     /// The final response.
     pub last: Response,
     /// The matching keys, for the audit log (person names masked).
     pub keys: String,
+}
+
+/// The matches of a C-FIND, each encoded as a response identifier when it is about to be
+/// sent: a cancelled C-FIND does not encode what it will not send, and the time the sender
+/// spends on each batch leaves room for a C-CANCEL to arrive.
+pub struct Matches {
+    req: InMemDicomObject,
+    level: String,
+    rows: Vec<Values>,
+    ts: Option<&'static TransferSyntax>,
+    our_ae: String,
+}
+
+impl std::fmt::Debug for Matches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Matches")
+            .field("level", &self.level)
+            .field("len", &self.rows.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Matches {
+    fn none() -> Self {
+        Matches {
+            req: InMemDicomObject::new_empty(),
+            level: String::new(),
+            rows: Vec::new(),
+            ts: None,
+            our_ae: String::new(),
+        }
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Match `i`'s identifier in the request's transfer syntax; `None` when it cannot be
+    /// encoded.
+    pub fn encode(&self, i: usize) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(512);
+        identifier_for(&self.req, &self.level, &self.rows[i], &self.our_ae)
+            .write_dataset_with_ts(&mut out, self.ts?)
+            .ok()?;
+        Some(out)
+    }
 }
 
 /// Runs a C-FIND whose identifier arrived in transfer syntax `ts`.
@@ -113,7 +165,7 @@ pub async fn run(
         error_comment: comment.map(str::to_owned),
     };
     let fail = |status, comment: &str, keys: String| FindAnswer {
-        matches: vec![],
+        matches: Matches::none(),
         last: response(status, Some(comment)),
         keys,
     };
@@ -157,17 +209,13 @@ pub async fn run(
     // One more than the limit was asked for, to tell a full answer from a cut one.
     let cut = rows.len() > limits.max_matches as usize;
     rows.truncate(limits.max_matches as usize);
-    let mut matches = Vec::with_capacity(rows.len());
-    for values in &rows {
-        let mut out = Vec::new();
-        if identifier_for(&req, &level, values, our_ae)
-            .write_dataset_with_ts(&mut out, ts)
-            .is_err()
-        {
-            return fail(Status::UnableToProcess, "cannot encode a match", keys);
-        }
-        matches.push(out);
-    }
+    let matches = Matches {
+        req,
+        level,
+        rows,
+        ts: Some(ts),
+        our_ae: our_ae.to_owned(),
+    };
     let last = if cut {
         let why = format!("more than {} matches: narrow the query", limits.max_matches);
         response(Status::OutOfResources, Some(&why))

@@ -318,6 +318,9 @@ fn sqlite_pool(max: u32) -> AnyPoolOptions {
     AnyPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(60))
+        // A connection to a local file cannot drop the way a network one can, and the ping
+        // that tests it costs a round trip to its worker thread on every acquire.
+        .test_before_acquire(false)
         .after_connect(|conn: &mut AnyConnection, _meta| {
             Box::pin(async move {
                 // FULL: a commit is on disk before it returns, which an acknowledged C-STORE needs.
