@@ -103,6 +103,8 @@ pub struct Matches {
     rows: Vec<Values>,
     ts: Option<&'static TransferSyntax>,
     our_ae: String,
+    /// The response identifier's elements, in tag order, when Kade writes them itself.
+    layout: Option<Layout>,
 }
 
 impl std::fmt::Debug for Matches {
@@ -122,6 +124,7 @@ impl Matches {
             rows: Vec::new(),
             ts: None,
             our_ae: String::new(),
+            layout: None,
         }
     }
 
@@ -139,10 +142,116 @@ impl Matches {
     /// encoded.
     pub fn encode(&self, i: usize) -> Option<Vec<u8>> {
         let mut out = Vec::with_capacity(512);
+        if let Some(layout) = &self.layout {
+            if layout.write(&mut out, &self.rows[i]) {
+                return Some(out);
+            }
+            out.clear();
+        }
         identifier_for(&self.req, &self.level, &self.rows[i], &self.our_ae)
             .write_dataset_with_ts(&mut out, self.ts?)
             .ok()?;
         Some(out)
+    }
+}
+
+/// A response identifier written without building a DICOM object: the elements of
+/// [`identifier_for`], in the same order and encoding, for Implicit and Explicit VR Little
+/// Endian and the value representations a query key has. Matches are written by the
+/// hundred, and building and encoding an object for each was most of Kade's own time in a
+/// large C-FIND (`writes_what_dicom_rs_writes` holds the two to the same bytes).
+#[derive(Debug)]
+struct Layout {
+    explicit: bool,
+    /// Tag, VR, and the value every match has (`None`: the match's own value, or empty).
+    elements: Vec<(Tag, VR, Option<String>)>,
+}
+
+impl Layout {
+    /// The layout of the answers to `req`, or `None` when it needs the general encoder.
+    fn of(req: &InMemDicomObject, level: &str, our_ae: &str, ts: &TransferSyntax) -> Option<Self> {
+        let explicit = match ts.uid().trim_end_matches('\0') {
+            "1.2.840.10008.1.2" => false,
+            "1.2.840.10008.1.2.1" => true,
+            _ => return None,
+        };
+        let mut elements: Vec<(Tag, VR, Option<String>)> = Vec::new();
+        for e in req.iter() {
+            let tag = e.tag();
+            if tag.group() == 0x0002 || tag == tags::SPECIFIC_CHARACTER_SET || e.vr() == VR::SQ {
+                continue;
+            }
+            let vr = if e.vr() == VR::UN { VR::LO } else { e.vr() };
+            if !Self::writes(vr) {
+                return None;
+            }
+            elements.push((tag, vr, None));
+        }
+        for (tag, vr, value) in [
+            (tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192"),
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, level),
+            (tags::RETRIEVE_AE_TITLE, VR::AE, our_ae),
+        ] {
+            elements.retain(|(t, _, _)| *t != tag);
+            elements.push((tag, vr, Some(value.to_owned())));
+        }
+        elements.sort_by_key(|(t, _, _)| *t);
+        Some(Layout { explicit, elements })
+    }
+
+    /// Whether this writer handles `vr`: text, and the binary integers of [`typed`].
+    fn writes(vr: VR) -> bool {
+        use VR::*;
+        const WRITTEN: &[VR] = &[
+            AE, AS, CS, DA, DS, DT, IS, LO, LT, PN, SH, ST, TM, UC, UI, UR, UT, US, SS, UL, SL,
+        ];
+        WRITTEN.contains(&vr)
+    }
+
+    /// Appends the identifier of the match with `values`; `false` (with `out` partly
+    /// written) when a value is too long for its element, which the general encoder reports.
+    fn write(&self, out: &mut Vec<u8>, values: &Values) -> bool {
+        for (tag, vr, fixed) in &self.elements {
+            let value = match fixed {
+                Some(v) => v.as_str(),
+                None => values
+                    .iter()
+                    .find(|(t, _)| t == tag)
+                    .map_or("", |(_, v)| v.as_str()),
+            };
+            // As `typed`: integers in binary (nothing when the value is not one), text as it
+            // is, in UTF-8 (the declared ISO_IR 192), padded to an even length.
+            let n = value.trim().parse::<i64>().ok();
+            let binary: Option<Vec<u8>> = match vr {
+                VR::US => Some(n.map_or(vec![], |n| (n as u16).to_le_bytes().to_vec())),
+                VR::SS => Some(n.map_or(vec![], |n| (n as i16).to_le_bytes().to_vec())),
+                VR::UL => Some(n.map_or(vec![], |n| (n as u32).to_le_bytes().to_vec())),
+                VR::SL => Some(n.map_or(vec![], |n| (n as i32).to_le_bytes().to_vec())),
+                _ => None,
+            };
+            let bytes = binary.as_deref().unwrap_or(value.as_bytes());
+            let len = bytes.len() + (bytes.len() & 1);
+            out.extend_from_slice(&tag.group().to_le_bytes());
+            out.extend_from_slice(&tag.element().to_le_bytes());
+            if !self.explicit {
+                out.extend_from_slice(&(len as u32).to_le_bytes());
+            } else if matches!(vr, VR::UC | VR::UR | VR::UT) {
+                out.extend_from_slice(&vr.to_bytes());
+                out.extend_from_slice(&[0, 0]);
+                out.extend_from_slice(&(len as u32).to_le_bytes());
+            } else {
+                let Ok(short) = u16::try_from(len) else {
+                    return false;
+                };
+                out.extend_from_slice(&vr.to_bytes());
+                out.extend_from_slice(&short.to_le_bytes());
+            }
+            out.extend_from_slice(bytes);
+            if bytes.len() % 2 == 1 {
+                out.push(if *vr == VR::UI { 0 } else { b' ' });
+            }
+        }
+        true
     }
 }
 
@@ -210,6 +319,7 @@ pub async fn run(
     let cut = rows.len() > limits.max_matches as usize;
     rows.truncate(limits.max_matches as usize);
     let matches = Matches {
+        layout: Layout::of(&req, &level, our_ae, ts),
         req,
         level,
         rows,
@@ -534,5 +644,113 @@ fn typed(vr: VR, value: &str) -> PrimitiveValue {
         (VR::SL, Some(n)) => PrimitiveValue::from(n as i32),
         (VR::US | VR::SS | VR::UL | VR::SL, None) => PrimitiveValue::Empty,
         _ => PrimitiveValue::from(value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(uid: &str) -> &'static TransferSyntax {
+        TransferSyntaxRegistry
+            .get(uid)
+            .expect("known transfer syntax")
+    }
+
+    fn request(extra: &[(Tag, VR, &str)]) -> InMemDicomObject {
+        let mut req = InMemDicomObject::new_empty();
+        for (tag, vr, v) in [
+            (tags::QUERY_RETRIEVE_LEVEL, VR::CS, "IMAGE"),
+            (tags::PATIENT_NAME, VR::PN, "M?ller*"),
+            (tags::PATIENT_ID, VR::LO, ""),
+            (tags::STUDY_DATE, VR::DA, "20240101-20241231"),
+            (tags::STUDY_INSTANCE_UID, VR::UI, ""),
+            (tags::MODALITIES_IN_STUDY, VR::CS, ""),
+            (tags::NUMBER_OF_STUDY_RELATED_INSTANCES, VR::IS, ""),
+            (tags::ROWS, VR::US, ""),
+            (tags::COLUMNS, VR::US, ""),
+            (tags::STUDY_DESCRIPTION, VR::UN, ""),
+            (tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
+            (tags::RETRIEVE_AE_TITLE, VR::AE, "ELSEWHERE"),
+        ]
+        .iter()
+        .chain(extra)
+        {
+            req.put(DataElement::new(*tag, *vr, PrimitiveValue::from(*v)));
+        }
+        req.put(DataElement::new(
+            tags::REFERENCED_STUDY_SEQUENCE,
+            VR::SQ,
+            PrimitiveValue::Empty,
+        ));
+        req
+    }
+
+    fn general(req: &InMemDicomObject, values: &Values, uid: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        identifier_for(req, "IMAGE", values, "KADE")
+            .write_dataset_with_ts(&mut out, ts(uid))
+            .expect("encodable");
+        out
+    }
+
+    #[test]
+    fn writes_what_dicom_rs_writes() {
+        let matches: Vec<Values> = vec![
+            // Odd and even lengths, a non-ASCII name, an odd UID, binary integers.
+            vec![
+                (tags::PATIENT_NAME, "Müller^Jürgen".into()),
+                (tags::PATIENT_ID, "PID1".into()),
+                (tags::STUDY_DATE, "20240301".into()),
+                (tags::STUDY_INSTANCE_UID, "1.2.3".into()),
+                (tags::MODALITIES_IN_STUDY, "CT\\MR".into()),
+                (tags::NUMBER_OF_STUDY_RELATED_INSTANCES, "12".into()),
+                (tags::ROWS, "512".into()),
+                (tags::COLUMNS, "not a number".into()),
+                (tags::STUDY_DESCRIPTION, "Thorax".into()),
+            ],
+            // Nothing known: every key empty.
+            vec![],
+            // Values the request did not ask for are left out.
+            vec![
+                (tags::PATIENT_ID, "PID22".into()),
+                (tags::ACCESSION_NUMBER, "A1".into()),
+            ],
+        ];
+        for extra in [vec![], vec![(tags::ACCESSION_NUMBER, VR::SH, "")]] {
+            let req = request(&extra);
+            for uid in ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"] {
+                let layout = Layout::of(&req, "IMAGE", "KADE", ts(uid)).expect("handled");
+                for values in &matches {
+                    let mut out = Vec::new();
+                    assert!(layout.write(&mut out, values));
+                    assert_eq!(out, general(&req, values, uid), "{uid}: {values:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn other_encodings_and_keys_go_to_the_general_encoder() {
+        let req = request(&[]);
+        // Explicit VR Big Endian (retired) and deflate: not written here.
+        for uid in ["1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"] {
+            assert!(
+                Layout::of(&req, "IMAGE", "KADE", ts(uid)).is_none(),
+                "{uid}"
+            );
+        }
+        // A key of a value representation a query key does not have here.
+        let mut odd = request(&[]);
+        odd.put(DataElement::new(
+            tags::SLICE_THICKNESS,
+            VR::FD,
+            PrimitiveValue::from(1.5f64),
+        ));
+        assert!(Layout::of(&odd, "IMAGE", "KADE", ts("1.2.840.10008.1.2.1")).is_none());
+        // A value too long for a 16-bit length: refused, and the matches path falls back.
+        let layout = Layout::of(&req, "IMAGE", "KADE", ts("1.2.840.10008.1.2.1")).unwrap();
+        let long = vec![(tags::PATIENT_ID, "x".repeat(70_000))];
+        assert!(!layout.write(&mut Vec::new(), &long));
     }
 }
