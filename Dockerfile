@@ -1,8 +1,10 @@
 # Kade container image: a release build of the `kade` binary on Debian slim.
 FROM rust:1-bookworm AS build
 WORKDIR /src
+RUN apt-get update && apt-get install -y --no-install-recommends cmake \
+    && rm -rf /var/lib/apt/lists/*
 COPY . .
-RUN cargo build --release --locked --bin kade
+RUN cargo build --release --locked --features jpeg-ls --bin kade
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \

@@ -8,7 +8,8 @@
 //! scaled to fit `viewport=width,height` (aspect ratio kept), bilinearly.
 //!
 //! Frames stored compressed are decoded and rendered by kade-pixel (same pipeline); codecs it
-//! lacks (JPEG-LS, 12-bit JPEG…) get 406 with the reason.
+//! lacks (12-bit JPEG, JPEG-LS in a build without the `jpeg-ls` feature…) get 406 with the
+//! reason.
 
 use crate::ApiError;
 

@@ -1,7 +1,7 @@
 //! Frames decoded to native little-endian pixels: JPEG through [`crate::jpeg`], the other
 //! encapsulated transfer syntaxes through the codecs registered in
-//! `dicom-transfer-syntax-registry` (RLE, JPEG 2000/HTJ2K via OpenJPEG, deflated frames,
-//! encapsulated uncompressed).
+//! `dicom-transfer-syntax-registry` (RLE, JPEG 2000/HTJ2K via OpenJPEG, JPEG-LS via CharLS
+//! with the `jpeg-ls` feature, deflated frames, encapsulated uncompressed).
 
 use std::borrow::Cow;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -25,8 +25,9 @@ use crate::{FrameInfo, PixelError, jpeg};
 ///
 /// # Errors
 /// As [`stored_frame`](crate::stored_frame), plus [`PixelError::Unsupported`] for transfer
-/// syntaxes or layouts without a decoder here (JPEG-LS, 12-bit JPEG Extended, 32-bit RLE,
-/// video…) and [`PixelError::Decode`] when a codec rejects the frame.
+/// syntaxes or layouts without a decoder here (12-bit JPEG Extended, 32-bit RLE, JPEG-LS
+/// without the `jpeg-ls` feature, JPEG XL, video…) and [`PixelError::Decode`] when a codec
+/// rejects the frame.
 pub fn decoded_frame(part10: &[u8], n: u32) -> Result<(FrameInfo, Vec<u8>), PixelError> {
     let inst = Instance::parse(part10)?;
     let index = inst.frame_index(n)?;

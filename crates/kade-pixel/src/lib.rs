@@ -24,10 +24,12 @@
 //! | JPEG Baseline (.4.50), JPEG Extended 8-bit (.4.51), JPEG Lossless (.4.57, .4.70) | `jpeg-decoder` (pure Rust) |
 //! | RLE Lossless (.5), 8 and 16 bits | pure Rust |
 //! | JPEG 2000 (.4.90–.4.93), HTJ2K (.4.201–.4.203) | OpenJPEG (vendored C, built by `openjpeg-sys`) |
+//! | JPEG-LS lossless and near-lossless (.4.80, .4.81), with the `jpeg-ls` feature | CharLS (vendored C++, built by `charls-sys` with cmake) |
 //! | Deflated Image Frame (.8.1), Encapsulated Uncompressed (.1.98) | pure Rust |
 //!
 //! Not decoded (a [`PixelError::Unsupported`] names the case): 12-bit JPEG Extended,
-//! JPEG-LS (.4.80/.4.81, CharLS needs cmake), JPEG XL, video (MPEG-2/4, HEVC), 32-bit RLE.
+//! JPEG-LS in a build without the `jpeg-ls` feature, JPEG XL, video (MPEG-2/4, HEVC), 32-bit
+//! RLE.
 //! [`stored_frame`] works for every transfer syntax.
 
 mod decode;
@@ -139,4 +141,6 @@ pub fn can_decode(ts: &str) -> bool {
             uids::ENCAPSULATED_UNCOMPRESSED_EXPLICIT_VR_LITTLE_ENDIAN,
         ]
         .contains(&ts)
+        || (cfg!(feature = "jpeg-ls")
+            && [uids::JPEGLS_LOSSLESS, uids::JPEGLS_NEAR_LOSSLESS].contains(&ts))
 }

@@ -29,10 +29,14 @@ fn rgb_at(px: &[u8], columns: usize, row: usize, col: usize) -> [u8; 3] {
 }
 
 #[test]
-fn rle_and_jpeg2000_lossless_give_back_the_uncompressed_pixels() {
+fn rle_jpeg2000_and_jpeg_ls_lossless_give_back_the_uncompressed_pixels() {
     let (_, reference) = decoded_frame(&file("MR_small.dcm"), 1).unwrap();
     assert_eq!(reference.len(), 64 * 64 * 2);
-    for f in ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"] {
+    let mut files = vec!["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"];
+    if cfg!(feature = "jpeg-ls") {
+        files.push("MR_small_jpeg_ls_lossless.dcm");
+    }
+    for f in files {
         let (info, px) = decoded_frame(&file(f), 1).unwrap();
         assert!(info.encapsulated, "{f} is stored compressed");
         assert_eq!(info.photometric_interpretation, "MONOCHROME2");
@@ -113,11 +117,46 @@ fn compressed_instances_are_re_encoded_to_explicit_vr_little_endian() {
     assert_eq!(&out[128..132], b"DICM");
 }
 
+#[cfg(feature = "jpeg-ls")]
+#[test]
+fn jpeg_ls_is_re_encoded_to_explicit_vr_little_endian() {
+    // Lossless: exactly the uncompressed reference's pixels.
+    let out = to_explicit_le(&file("MR_small_jpeg_ls_lossless.dcm")).unwrap();
+    let (info, px) = decoded_frame(&out, 1).unwrap();
+    assert_eq!(info.transfer_syntax, "1.2.840.10008.1.2.1");
+    let (_, reference) = decoded_frame(&file("MR_small.dcm"), 1).unwrap();
+    assert!(
+        px == reference,
+        "JPEG-LS lossless differs from MR_small.dcm"
+    );
+    // Near-lossless (8 and 16 bits): decoded to the declared size (no reference pixels
+    // here), and the re-encoded instance says it was lossy-compressed, and how.
+    for (f, bits) in [
+        ("JPEGLSNearLossless_08.dcm", 8u16),
+        ("JPEGLSNearLossless_16.dcm", 16),
+    ] {
+        let (info, px) = decoded_frame(&file(f), 1).unwrap();
+        assert_eq!(info.bits_allocated, bits, "{f}");
+        let expected = usize::from(info.rows) * usize::from(info.columns) * usize::from(bits / 8);
+        assert_eq!(px.len(), expected, "{f}");
+        assert!(px.iter().any(|&b| b != 0), "{f}: all zero");
+        let out = to_explicit_le(&file(f)).unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("ISO_14495_1"), "{f}: not marked lossy");
+    }
+}
+
 #[test]
 fn unsupported_codecs_say_so() {
-    let e = decoded_frame(&file("MR_small_jpeg_ls_lossless.dcm"), 1).unwrap_err();
+    // 12-bit JPEG Extended: jpeg-decoder reads 8-bit samples only.
+    let e = decoded_frame(&file("JPGExtended.dcm"), 1).unwrap_err();
     assert!(matches!(e, kade_pixel::PixelError::Unsupported(_)), "{e}");
-    assert!(to_explicit_le(&file("MR_small_jpeg_ls_lossless.dcm")).is_err());
+    assert!(to_explicit_le(&file("JPGExtended.dcm")).is_err());
+    // JPEG-LS in a build without CharLS.
+    if !cfg!(feature = "jpeg-ls") {
+        let e = decoded_frame(&file("MR_small_jpeg_ls_lossless.dcm"), 1).unwrap_err();
+        assert!(matches!(e, kade_pixel::PixelError::Unsupported(_)), "{e}");
+    }
 }
 
 #[test]
