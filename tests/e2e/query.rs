@@ -491,6 +491,71 @@ async fn c_move_sends_a_study_byte_for_byte_to_a_configured_destination() {
             "[{}] {tail}",
             b.name
         );
+
+        // JPEG-LS lossless, in a build with CharLS (the jpeg-ls feature, on in CI): it arrives
+        // decompressed with exactly the pixels of its uncompressed original.
+        if kade_pixel::can_decode("1.2.840.10008.1.2.4.80") {
+            let jls = testdata_dir().join("pydicom/MR_small_jpeg_ls_lossless.dcm");
+            let o = node.dcmtk(
+                &dcmsend,
+                "STORESCU",
+                &["--decompress-never"],
+                std::slice::from_ref(&jls),
+            );
+            assert!(o.status.success(), "{}", tools::text(&o));
+            let sop = kade_testkit::part10::Part10::read(&jls)
+                .unwrap()
+                .sop_instance;
+            let image = format!("SOPInstanceUID={sop}");
+            let args = [
+                "-v",
+                "-S",
+                "-aem",
+                "PLAINSCP",
+                "-k",
+                "QueryRetrieveLevel=IMAGE",
+                "-k",
+                &image,
+            ];
+            let out = tools::text(&node.dcmtk(&movescu, "MOVESCU", &args, &[]));
+            assert!(
+                out.contains("Final Move Response (Success)"),
+                "[{}] {out}",
+                b.name
+            );
+            let pixels = |f: &std::path::Path| {
+                let o = dicom_object::open_file(f).unwrap();
+                let ts = o.meta().transfer_syntax().trim_end_matches('\0').to_owned();
+                let px = o
+                    .element(tags::PIXEL_DATA)
+                    .unwrap()
+                    .to_bytes()
+                    .unwrap()
+                    .to_vec();
+                (
+                    o.element(tags::SOP_INSTANCE_UID)
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .trim_end_matches('\0')
+                        .to_owned(),
+                    ts,
+                    px,
+                )
+            };
+            let arrived: Vec<_> = plain.files().iter().map(|f| pixels(f)).collect();
+            let (_, ts, px) = arrived
+                .iter()
+                .find(|(uid, _, _)| *uid == sop)
+                .unwrap_or_else(|| panic!("[{}] the JPEG-LS instance did not arrive", b.name));
+            assert!(
+                ts == "1.2.840.10008.1.2" || ts == "1.2.840.10008.1.2.1",
+                "[{}] arrived in {ts}",
+                b.name
+            );
+            let (_, _, reference) = pixels(&testdata_dir().join("pydicom/MR_small.dcm"));
+            assert!(*px == reference, "[{}] JPEG-LS pixels differ", b.name);
+        }
     }
 }
 
