@@ -221,12 +221,12 @@ impl Layout {
             };
             // As `typed`: integers in binary (nothing when the value is not one), text as it
             // is, in UTF-8 (the declared ISO_IR 192), padded to an even length.
-            let n = value.trim().parse::<i64>().ok();
+            let n = || value.trim().parse::<i64>().ok();
             let binary: Option<Vec<u8>> = match vr {
-                VR::US => Some(n.map_or(vec![], |n| (n as u16).to_le_bytes().to_vec())),
-                VR::SS => Some(n.map_or(vec![], |n| (n as i16).to_le_bytes().to_vec())),
-                VR::UL => Some(n.map_or(vec![], |n| (n as u32).to_le_bytes().to_vec())),
-                VR::SL => Some(n.map_or(vec![], |n| (n as i32).to_le_bytes().to_vec())),
+                VR::US => Some(n().map_or(vec![], |n| (n as u16).to_le_bytes().to_vec())),
+                VR::SS => Some(n().map_or(vec![], |n| (n as i16).to_le_bytes().to_vec())),
+                VR::UL => Some(n().map_or(vec![], |n| (n as u32).to_le_bytes().to_vec())),
+                VR::SL => Some(n().map_or(vec![], |n| (n as i32).to_le_bytes().to_vec())),
                 _ => None,
             };
             let bytes = binary.as_deref().unwrap_or(value.as_bytes());

@@ -485,8 +485,6 @@ pub struct Recovered {
     pub discarded: usize,
 }
 
-/// The SOP Instance UID and digest prefix in an instance key
-/// (`dicom/{study}/{series}/{sop}.{digest}.dcm`).
 fn event(
     kind: EventKind,
     outcome: Outcome,
