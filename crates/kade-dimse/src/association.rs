@@ -920,13 +920,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     );
                     let command =
                         pdu::encode_pdata(store_pc, true, &cs.encode(), self.peer_max_pdu);
-                    match ds.with_command(&command) {
-                        Some(both) => self.send(both).await?,
-                        None => {
-                            self.send(&command).await?;
-                            self.send(ds.data()).await?;
-                        }
-                    }
+                    self.send(ds.with_command(&command)).await?;
                     let mut cs = self.read_command().await?;
                     if matches!(Command::parse(&cs), Ok(Command::Cancel { message_id: id }) if id == message_id)
                     {

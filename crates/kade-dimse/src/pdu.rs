@@ -246,12 +246,19 @@ impl Framed {
         &self.buf[self.start..]
     }
 
-    /// The encoded `command` PDUs followed by the data set's, when the command fits in the
-    /// room in front; `None` otherwise (send them one after the other).
-    pub fn with_command(&mut self, command: &[u8]) -> Option<&[u8]> {
-        let at = self.start.checked_sub(command.len())?;
+    /// The encoded `command` PDUs followed by the data set's, to send in one write. A command
+    /// larger than the room in front (none Kade sends) costs one copy of the data set.
+    pub fn with_command(&mut self, command: &[u8]) -> &[u8] {
+        if command.len() > self.start {
+            let mut buf = Vec::with_capacity(command.len() + self.data().len());
+            buf.resize(command.len(), 0);
+            buf.extend_from_slice(self.data());
+            self.buf = buf;
+            self.start = command.len();
+        }
+        let at = self.start - command.len();
         self.buf[at..self.start].copy_from_slice(command);
-        Some(&self.buf[at..])
+        &self.buf[at..]
     }
 }
 
@@ -293,7 +300,7 @@ mod tests {
             let command = encode_pdata(5, true, b"command set", max);
             let mut both = command.clone();
             both.extend_from_slice(&expected);
-            assert_eq!(f.with_command(&command).unwrap(), &both[..]);
+            assert_eq!(f.with_command(&command), &both[..]);
             assert_eq!(
                 Framed::from_bytes(&data[..len], 5, max).data(),
                 &expected[..]
@@ -302,9 +309,16 @@ mod tests {
         // A short file is an error, not a short data set.
         let e = Framed::read_from(&data[..100], 200, 1, 0).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
-        // A command too large for the room in front is refused, not truncated.
+        // A command too large for the room in front is still put in front, whole.
         let mut f = Framed::from_bytes(b"xy", 1, 0);
-        assert!(f.with_command(&vec![0; 4096]).is_none());
+        let big = vec![7; 4096];
+        let mut both = big.clone();
+        both.extend_from_slice(&encode_pdata(1, false, b"xy", 0));
+        assert_eq!(f.with_command(&big), &both[..]);
+        assert_eq!(
+            f.with_command(b"short"),
+            &[b"short".as_slice(), &both[4096..]].concat()[..]
+        );
     }
 
     #[test]

@@ -234,14 +234,7 @@ impl ScuAssociation {
         let id = self.msg_id();
         let cs = store_request(id, sop_class, sop_instance, move_originator);
         let command = pdu::encode_pdata(pc, true, &cs.encode(), self.peer_max_pdu);
-        match dataset.with_command(&command) {
-            // Command and data set in one write.
-            Some(both) => self.wr.write_all(both).await?,
-            None => {
-                self.wr.write_all(&command).await?;
-                self.wr.write_all(dataset.data()).await?;
-            }
-        }
+        self.wr.write_all(dataset.with_command(&command)).await?;
         self.response_status().await
     }
 
