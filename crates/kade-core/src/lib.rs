@@ -7,6 +7,7 @@
 //!   extracted from a parsed dataset, and [`attrs::search_key`] for case-insensitive name matching.
 //! - [`json`]: the instance's DICOM JSON (PS3.18 §F.2) without bulk data, for WADO-RS metadata.
 //! - [`charset`]: decoding of text that arrived with the wrong VR (UN) using the dataset's charset.
+//! - [`part10`]: where the data set of a Part 10 object begins.
 //! - [`peer`]: [`Peer`] and [`Permission`], the DIMSE peer allow-list entries.
 //! - [`transcode`]: re-encoding between the native transfer syntaxes (no codec).
 
@@ -14,6 +15,7 @@ pub mod ae;
 pub mod attrs;
 pub mod charset;
 pub mod json;
+pub mod part10;
 pub mod peer;
 pub mod transcode;
 pub mod uid;

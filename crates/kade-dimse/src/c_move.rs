@@ -414,10 +414,10 @@ fn framed_file(path: &std::path::Path, pc: u8, peer_max: u32) -> std::io::Result
     use std::io::{Read, Seek};
     let mut f = std::fs::File::open(path)?;
     let size = f.metadata()?.len();
-    let mut head = [0u8; 144];
+    let mut head = [0u8; kade_core::part10::HEAD];
     f.read_exact(&mut head)?;
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not a Part 10 file");
-    let start = meta_end(&head).ok_or_else(bad)? as u64;
+    let start = kade_core::part10::data_set_start(&head).ok_or_else(bad)?;
     let len = size.checked_sub(start).ok_or_else(bad)?;
     f.seek(std::io::SeekFrom::Start(start))?;
     Framed::read_from(f, len as usize, pc, peer_max)
@@ -445,14 +445,5 @@ pub fn failed_list(failed: &[String], ts: &str) -> Option<Vec<u8>> {
 
 /// The data set of a stored Part 10 blob (the bytes after the File Meta group).
 pub fn dataset_of(blob: &[u8]) -> Option<&[u8]> {
-    blob.get(meta_end(blob)?..)
-}
-
-/// Where the data set of a Part 10 file begins, from its first 144 bytes (preamble, `DICM`
-/// and the File Meta Information Group Length).
-fn meta_end(head: &[u8]) -> Option<usize> {
-    if head.len() < 144 || &head[128..132] != b"DICM" || head[132..136] != [2, 0, 0, 0] {
-        return None;
-    }
-    Some(144 + u32::from_le_bytes(head[140..144].try_into().ok()?) as usize)
+    blob.get(usize::try_from(kade_core::part10::data_set_start(blob)?).ok()?..)
 }

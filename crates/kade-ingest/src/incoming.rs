@@ -105,20 +105,17 @@ impl DatasetDigest {
         let skip = match &mut self.skip {
             Some(skip) => skip,
             None => {
-                let take = (144 - self.head.len()).min(buf.len());
+                let take = (kade_core::part10::HEAD - self.head.len()).min(buf.len());
                 self.head.extend_from_slice(&buf[..take]);
                 buf = &buf[take..];
-                if self.head.len() < 144 {
+                if self.head.len() < kade_core::part10::HEAD {
                     return;
                 }
-                if &self.head[128..132] != b"DICM" {
+                let Some(start) = kade_core::part10::data_set_start(&self.head) else {
                     self.not_part10 = true;
                     return;
-                }
-                let h = &self.head;
-                self.skip.insert(u64::from(u32::from_le_bytes([
-                    h[140], h[141], h[142], h[143],
-                ])))
+                };
+                self.skip.insert(start - kade_core::part10::HEAD as u64)
             }
         };
         let n = (*skip).min(buf.len() as u64);

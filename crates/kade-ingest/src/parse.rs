@@ -26,14 +26,12 @@ enum Scanned {
 /// Checks the data set's structure (see [`crate::scan`]) before a DICOM library reads it.
 fn prescan<R: Read + Seek>(mut f: R, size: u64) -> Result<Scanned, IngestError> {
     let invalid = IngestError::Invalid;
-    let mut head = vec![0u8; 144];
+    let mut head = vec![0u8; kade_core::part10::HEAD];
     f.read_exact(&mut head)
         .map_err(|_| invalid("shorter than a DICOM header".into()))?;
-    if &head[128..132] != b"DICM" || head[132..136] != [2, 0, 0, 0] {
-        return Err(invalid("no File Meta group with group length".into()));
-    }
-    let group_len = u32::from_le_bytes(head[140..144].try_into().expect("4 bytes"));
-    let meta_end = 144 + u64::from(group_len);
+    let meta_end = kade_core::part10::data_set_start(&head)
+        .ok_or_else(|| invalid("no File Meta group with group length".into()))?;
+    let group_len = meta_end - kade_core::part10::HEAD as u64;
     if group_len > 64 * 1024 || meta_end > size {
         return Err(invalid(format!(
             "File Meta group length {group_len} is impossible"
