@@ -5,9 +5,9 @@
 //! and SHA-256 when its last byte has passed; the sender and the recipient both use it.
 
 use std::ops::Range;
+use std::sync::Arc;
 
-use chacha20poly1305::aead::{Aead as _, Payload};
-use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use sha2::{Digest, Sha256};
 
 use super::BundleId;
@@ -18,13 +18,15 @@ use crate::{ExchangeError, Result};
 const PURPOSE_MANIFEST: u32 = 0;
 /// Nonce purpose of the payload chunks.
 const PURPOSE_CHUNK: u32 = 1;
+/// Bytes of the AEAD tag after each ciphertext.
+pub const TAG_LEN: usize = 16;
 
 /// The 96-bit nonce: `purpose (u32 BE) ‖ counter (u64 BE)`.
-fn nonce(purpose: u32, counter: u64) -> Nonce {
+fn nonce_bytes(purpose: u32, counter: u64) -> [u8; 12] {
     let mut n = [0u8; 12];
     n[..4].copy_from_slice(&purpose.to_be_bytes());
     n[4..].copy_from_slice(&counter.to_be_bytes());
-    n.into()
+    n
 }
 
 /// AAD of the sealed manifest: `bundle_id (16) ‖ "manifest"`.
@@ -42,62 +44,104 @@ pub fn chunk_aad(id: &BundleId, index: u32, total: u32) -> [u8; 25] {
     a
 }
 
+/// ChaCha20-Poly1305 (RFC 8439) under a bundle's content key, for the manifest and the
+/// chunks. ring's implementation: on this workload it runs at about twice the speed of the
+/// portable one, and the bytes are the same (unit test `same_bytes_as_the_rustcrypto_aead`).
+/// Cheap to clone and shareable between threads, so chunks are sealed and opened in
+/// parallel. The caller's copy of the key bytes is wiped (`Zeroizing`); ring does not wipe
+/// its expanded key state when it is dropped.
+#[derive(Clone)]
+pub(crate) struct ContentCipher(Arc<LessSafeKey>);
+
+impl ContentCipher {
+    pub(crate) fn new(key: &[u8; 32]) -> Self {
+        let key = UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte key");
+        ContentCipher(Arc::new(LessSafeKey::new(key)))
+    }
+
+    /// Encrypts `buf` in place and appends the tag.
+    fn seal(&self, nonce: [u8; 12], aad: &[u8], buf: &mut Vec<u8>) -> bool {
+        self.0
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
+            .is_ok()
+    }
+
+    /// Authenticates and decrypts `buf` in place; on success `buf` holds the plaintext.
+    fn open(&self, nonce: [u8; 12], aad: &[u8], buf: &mut Vec<u8>) -> bool {
+        let n = match self.0.open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            buf.as_mut_slice(),
+        ) {
+            Ok(plain) => plain.len(),
+            Err(_) => return false,
+        };
+        buf.truncate(n);
+        true
+    }
+}
+
 /// Seals the manifest JSON.
-pub(crate) fn seal_manifest(c: &ChaCha20Poly1305, id: &BundleId, json: &[u8]) -> Result<Vec<u8>> {
-    let aad = manifest_aad(id);
-    c.encrypt(
-        &nonce(PURPOSE_MANIFEST, 0),
-        Payload {
-            msg: json,
-            aad: &aad,
-        },
-    )
-    .map_err(|_| ExchangeError::Seal { what: "manifest" })
+pub(crate) fn seal_manifest(c: &ContentCipher, id: &BundleId, json: &[u8]) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(json.len() + TAG_LEN);
+    buf.extend_from_slice(json);
+    if c.seal(
+        nonce_bytes(PURPOSE_MANIFEST, 0),
+        &manifest_aad(id),
+        &mut buf,
+    ) {
+        Ok(buf)
+    } else {
+        Err(ExchangeError::Seal { what: "manifest" })
+    }
 }
 
 /// Opens the sealed manifest.
-pub(crate) fn open_manifest(c: &ChaCha20Poly1305, id: &BundleId, sealed: &[u8]) -> Result<Vec<u8>> {
-    let aad = manifest_aad(id);
-    c.decrypt(
-        &nonce(PURPOSE_MANIFEST, 0),
-        Payload {
-            msg: sealed,
-            aad: &aad,
-        },
-    )
-    .map_err(|_| ExchangeError::ManifestTampered)
+pub(crate) fn open_manifest(c: &ContentCipher, id: &BundleId, sealed: &[u8]) -> Result<Vec<u8>> {
+    let mut buf = sealed.to_vec();
+    if c.open(
+        nonce_bytes(PURPOSE_MANIFEST, 0),
+        &manifest_aad(id),
+        &mut buf,
+    ) {
+        Ok(buf)
+    } else {
+        Err(ExchangeError::ManifestTampered)
+    }
 }
 
-/// Seals chunk `index` of `total`.
+/// Seals chunk `index` of `total` in place: `buf` holds the plaintext and then the
+/// ciphertext (reserve [`TAG_LEN`] bytes of capacity to avoid a copy).
 pub(crate) fn seal(
-    c: &ChaCha20Poly1305,
+    c: &ContentCipher,
     id: &BundleId,
     index: u32,
     total: u32,
-    pt: &[u8],
-) -> Result<Vec<u8>> {
+    buf: &mut Vec<u8>,
+) -> Result<()> {
     let aad = chunk_aad(id, index, total);
-    c.encrypt(
-        &nonce(PURPOSE_CHUNK, u64::from(index)),
-        Payload { msg: pt, aad: &aad },
-    )
-    .map_err(|_| ExchangeError::Seal { what: "chunk" })
+    if c.seal(nonce_bytes(PURPOSE_CHUNK, u64::from(index)), &aad, buf) {
+        Ok(())
+    } else {
+        Err(ExchangeError::Seal { what: "chunk" })
+    }
 }
 
-/// Opens chunk `index` of `total`.
+/// Opens chunk `index` of `total` in place: `buf` holds the ciphertext and then the
+/// plaintext.
 pub(crate) fn open(
-    c: &ChaCha20Poly1305,
+    c: &ContentCipher,
     id: &BundleId,
     index: u32,
     total: u32,
-    ct: &[u8],
-) -> Result<Vec<u8>> {
+    buf: &mut Vec<u8>,
+) -> Result<()> {
     let aad = chunk_aad(id, index, total);
-    c.decrypt(
-        &nonce(PURPOSE_CHUNK, u64::from(index)),
-        Payload { msg: ct, aad: &aad },
-    )
-    .map_err(|_| ExchangeError::Tampered { chunk: index })
+    if c.open(nonce_bytes(PURPOSE_CHUNK, u64::from(index)), &aad, buf) {
+        Ok(())
+    } else {
+        Err(ExchangeError::Tampered { chunk: index })
+    }
 }
 
 /// One sealed chunk, ready for upload.
@@ -214,7 +258,6 @@ impl InstanceTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chacha20poly1305::KeyInit as _;
 
     fn inst(uid: &str, data: &[u8], offset: u64) -> Instance {
         Instance {
@@ -229,8 +272,11 @@ mod tests {
 
     #[test]
     fn nonces_never_collide_between_manifest_and_chunks() {
-        assert_ne!(nonce(PURPOSE_MANIFEST, 0), nonce(PURPOSE_CHUNK, 0));
-        assert_ne!(nonce(PURPOSE_CHUNK, 1), nonce(PURPOSE_CHUNK, 2));
+        assert_ne!(
+            nonce_bytes(PURPOSE_MANIFEST, 0),
+            nonce_bytes(PURPOSE_CHUNK, 0)
+        );
+        assert_ne!(nonce_bytes(PURPOSE_CHUNK, 1), nonce_bytes(PURPOSE_CHUNK, 2));
     }
 
     #[test]
@@ -241,21 +287,81 @@ mod tests {
         assert_eq!(&chunk_aad(&id, 2, 3)[16..24], &[0, 0, 0, 2, 0, 0, 0, 3]);
     }
 
+    fn sealed(c: &ContentCipher, id: &BundleId, index: u32, total: u32, pt: &[u8]) -> Vec<u8> {
+        let mut buf = pt.to_vec();
+        seal(c, id, index, total, &mut buf).unwrap();
+        buf
+    }
+
+    fn opened(
+        c: &ContentCipher,
+        id: &BundleId,
+        index: u32,
+        total: u32,
+        ct: &[u8],
+    ) -> Result<Vec<u8>> {
+        let mut buf = ct.to_vec();
+        open(c, id, index, total, &mut buf).map(|()| buf)
+    }
+
     #[test]
     fn chunk_round_trip_and_binding() {
-        let c = ChaCha20Poly1305::new(&[9u8; 32].into());
+        let c = ContentCipher::new(&[9u8; 32]);
         let id = BundleId::from_bytes([1; 16]);
-        let ct = seal(&c, &id, 1, 3, b"hello").unwrap();
-        assert_eq!(open(&c, &id, 1, 3, &ct).unwrap(), b"hello");
+        let ct = sealed(&c, &id, 1, 3, b"hello");
+        assert_eq!(ct.len(), 5 + TAG_LEN);
+        assert_eq!(opened(&c, &id, 1, 3, &ct).unwrap(), b"hello");
         assert!(matches!(
-            open(&c, &id, 0, 3, &ct),
+            opened(&c, &id, 0, 3, &ct),
             Err(ExchangeError::Tampered { chunk: 0 })
         ));
-        assert!(open(&c, &id, 1, 2, &ct).is_err(), "total_chunks is bound");
+        assert!(opened(&c, &id, 1, 2, &ct).is_err(), "total_chunks is bound");
         assert!(
-            open(&c, &BundleId::from_bytes([2; 16]), 1, 3, &ct).is_err(),
+            opened(&c, &BundleId::from_bytes([2; 16]), 1, 3, &ct).is_err(),
             "bundle id is bound"
         );
+        let mut flipped = ct.clone();
+        flipped[2] ^= 1;
+        assert!(opened(&c, &id, 1, 3, &flipped).is_err(), "a bit flip fails");
+    }
+
+    /// The wire format is RFC 8439 ChaCha20-Poly1305 as the bundle docs define it: ring's
+    /// output is byte for byte the portable implementation's (RustCrypto, which the HPKE
+    /// crate also uses), for the manifest and for chunks, and each opens the other's.
+    #[test]
+    fn same_bytes_as_the_rustcrypto_aead() {
+        use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
+        let key = [0x42u8; 32];
+        let ours = ContentCipher::new(&key);
+        let theirs = chacha20poly1305::ChaCha20Poly1305::new(&key.into());
+        let id = BundleId::from_bytes([7; 16]);
+        let pt: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for (index, total) in [(0, 1), (0, 3), (2, 3)] {
+            let aad = chunk_aad(&id, index, total);
+            let want = theirs
+                .encrypt(
+                    &nonce_bytes(PURPOSE_CHUNK, u64::from(index)).into(),
+                    Payload {
+                        msg: &pt,
+                        aad: &aad,
+                    },
+                )
+                .unwrap();
+            assert_eq!(sealed(&ours, &id, index, total, &pt), want);
+            assert_eq!(opened(&ours, &id, index, total, &want).unwrap(), pt);
+        }
+        let m = seal_manifest(&ours, &id, b"{\"a\":1}").unwrap();
+        let want = theirs
+            .encrypt(
+                &nonce_bytes(PURPOSE_MANIFEST, 0).into(),
+                Payload {
+                    msg: b"{\"a\":1}",
+                    aad: &manifest_aad(&id),
+                },
+            )
+            .unwrap();
+        assert_eq!(m, want);
+        assert_eq!(open_manifest(&ours, &id, &m).unwrap(), b"{\"a\":1}");
     }
 
     #[test]

@@ -8,17 +8,19 @@
 //! - [`manifest`]: [`Manifest`], the patient, studies, instances (SHA-256, size, offset) and
 //!   reason for referral; [`ManifestDraft`] is what the sender fills in.
 //! - [`header`]: [`BundleId`] and [`BundleHeader`], the only part the mailbox can read.
-//! - [`seal`]: [`Sealer`] and [`ChunkWriter`] (sender).
-//! - [`open`]: [`Opener`] and [`ChunkAssembler`] (recipient).
+//! - [`seal`]: [`Sealer`], [`ChunkWriter`] and [`ChunkSealer`] (sender).
+//! - [`open`]: [`Opener`], [`ChunkOpener`] and [`ChunkAssembler`] (recipient).
 //! - [`chunk`]: nonces, AADs, [`SealedChunk`], [`InstancePiece`].
 //! - [`receipt`]: [`Receipt`], [`SignedReceipt`].
 //!
 //! # Flow
 //! The sender looks the recipient up in the [`Directory`] (no entry, no bundle), builds a
-//! [`Sealer`] from a [`ManifestDraft`], uploads [`Sealer::header`] and the chunks from
-//! [`Sealer::writer`]. The recipient calls [`Opener::open`] on the header (signature first,
-//! then decryption), feeds the chunks in order to a [`ChunkAssembler`], imports only after
-//! [`ChunkAssembler::finish`], and returns a [`SignedReceipt`] sealed to the sender.
+//! [`Sealer`] from a [`ManifestDraft`], uploads [`Sealer::header`] and the chunks that
+//! [`Sealer::writer`] cuts and a [`ChunkSealer`] seals (on any thread, so in parallel). The
+//! recipient calls [`Opener::open`] on the header (signature first, then decryption),
+//! decrypts chunks with a [`ChunkOpener`] (in parallel too), feeds them in order to a
+//! [`ChunkAssembler`], makes nothing visible before [`ChunkAssembler::finish`], and returns a
+//! [`SignedReceipt`] sealed to the sender.
 //!
 //! # Payload
 //! The instances' Part 10 bytes are concatenated in manifest order into one payload
@@ -42,8 +44,8 @@
 //!
 //! A counter nonce is safe because the key is random and used for one bundle only, and within
 //! that bundle every (purpose, counter) pair seals exactly one plaintext: the manifest once,
-//! each chunk index once. [`Sealer::seal_chunk`] refuses a second, different plaintext at an
-//! index it already sealed. Because the AAD binds the bundle, the index, the count and the
+//! each chunk index once. A [`Sealer`] hands out each chunk index once ([`Sealer::seal_chunk`]
+//! and [`ChunkWriter::cut`] refuse an index already taken). Because the AAD binds the bundle, the index, the count and the
 //! last flag, a chunk moved to another index, taken from another bundle, or presented as the
 //! end of a truncated bundle fails authentication; [`ChunkAssembler`] rejects duplicates and
 //! gaps.
@@ -92,9 +94,9 @@ pub use keys::NodeKeys;
 pub use manifest::{
     BSN_ISSUER_OID, Instance, InstanceDraft, Manifest, ManifestDraft, Patient, Study,
 };
-pub use open::{ChunkAssembler, OpenedChunk, Opener};
+pub use open::{ChunkAssembler, ChunkOpener, DecryptedChunk, OpenedChunk, Opener};
 pub use receipt::{InstanceOutcome, OutcomeEntry, Receipt, SignedReceipt};
-pub use seal::{ChunkWriter, SealOptions, Sealer};
+pub use seal::{ChunkSealer, ChunkWriter, PlainChunk, SealOptions, Sealer};
 
 use crate::{ExchangeError, Result};
 

@@ -3,11 +3,10 @@
 
 use std::fmt;
 
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit as _};
 use ed25519_dalek::Signature;
 use zeroize::Zeroizing;
 
-use super::chunk::{self, InstancePiece, InstanceTracker};
+use super::chunk::{self, ContentCipher, InstancePiece, InstanceTracker};
 use super::codec;
 use super::directory::Directory;
 use super::manifest::Manifest;
@@ -17,9 +16,10 @@ use super::{
 };
 use crate::{ExchangeError, Result};
 
-/// An opened bundle: holds its content key (wiped on drop); `Debug` does not show it.
+/// An opened bundle: holds its content key (see [`ContentCipher`] on wiping); `Debug` does
+/// not show it.
 pub struct Opener {
-    cipher: ChaCha20Poly1305,
+    cipher: ContentCipher,
     bundle_id: BundleId,
     sender: String,
     total_chunks: u32,
@@ -89,10 +89,12 @@ impl Opener {
             wrap::open_from(keys.encryption_key(), &info, &header.wrapped_key)
                 .ok_or(ExchangeError::KeyUnwrap)?,
         );
-        if key.len() != 32 {
-            return Err(ExchangeError::KeyUnwrap);
-        }
-        let cipher = ChaCha20Poly1305::new(key.as_slice().into());
+        let key: Zeroizing<[u8; 32]> = Zeroizing::new(
+            key.as_slice()
+                .try_into()
+                .map_err(|_| ExchangeError::KeyUnwrap)?,
+        );
+        let cipher = ContentCipher::new(&key);
         let json = Zeroizing::new(chunk::open_manifest(
             &cipher,
             &header.bundle_id,
@@ -134,19 +136,19 @@ impl Opener {
     /// # Errors
     /// [`ExchangeError::ChunkOutOfRange`] or [`ExchangeError::Tampered`].
     pub fn open_chunk(&self, index: u32, ciphertext: &[u8]) -> Result<Vec<u8>> {
-        if index >= self.total_chunks {
-            return Err(ExchangeError::ChunkOutOfRange {
-                index,
-                total: self.total_chunks,
-            });
+        self.chunk_opener()
+            .open(index, ciphertext.to_vec())
+            .map(|c| c.plaintext)
+    }
+
+    /// An opener of this bundle's chunks, to use on any thread: chunks are decrypted in
+    /// parallel and then given to the [`ChunkAssembler`] in order.
+    pub fn chunk_opener(&self) -> ChunkOpener {
+        ChunkOpener {
+            cipher: self.cipher.clone(),
+            bundle_id: self.bundle_id,
+            total: self.total_chunks,
         }
-        chunk::open(
-            &self.cipher,
-            &self.bundle_id,
-            index,
-            self.total_chunks,
-            ciphertext,
-        )
     }
 
     /// An assembler for this bundle's chunks; `manifest` is the one [`open`](Self::open)
@@ -193,6 +195,67 @@ impl fmt::Debug for Opener {
             .field("sender", &self.sender)
             .field("total_chunks", &self.total_chunks)
             .finish_non_exhaustive()
+    }
+}
+
+/// Decrypts chunks of one bundle (see [`Opener::open_chunk`]); cheap to clone and to send to
+/// other threads.
+#[derive(Clone)]
+pub struct ChunkOpener {
+    cipher: ContentCipher,
+    bundle_id: BundleId,
+    total: u32,
+}
+
+impl ChunkOpener {
+    /// Authenticates and decrypts chunk `index` in place.
+    ///
+    /// # Errors
+    /// [`ExchangeError::ChunkOutOfRange`] or [`ExchangeError::Tampered`].
+    pub fn open(&self, index: u32, ciphertext: Vec<u8>) -> Result<DecryptedChunk> {
+        if index >= self.total {
+            return Err(ExchangeError::ChunkOutOfRange {
+                index,
+                total: self.total,
+            });
+        }
+        let mut buf = ciphertext;
+        chunk::open(&self.cipher, &self.bundle_id, index, self.total, &mut buf)?;
+        Ok(DecryptedChunk {
+            index,
+            plaintext: buf,
+        })
+    }
+}
+
+impl fmt::Debug for ChunkOpener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChunkOpener")
+            .field("bundle_id", &self.bundle_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A chunk that passed authentication, not yet placed by the [`ChunkAssembler`]. Only a
+/// [`ChunkOpener`] makes them.
+pub struct DecryptedChunk {
+    index: u32,
+    plaintext: Vec<u8>,
+}
+
+impl DecryptedChunk {
+    /// Its index in the bundle.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+}
+
+impl fmt::Debug for DecryptedChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecryptedChunk")
+            .field("index", &self.index)
+            .field("len", &self.plaintext.len())
+            .finish()
     }
 }
 
@@ -247,23 +310,23 @@ impl ChunkAssembler<'_> {
     /// [`ExchangeError::InstanceMismatch`], or [`ExchangeError::Malformed`] after an earlier
     /// instance mismatch.
     pub fn push(&mut self, index: u32, ciphertext: &[u8]) -> Result<OpenedChunk> {
-        if self.failed {
-            return Err(ExchangeError::malformed(
-                "bundle",
-                "an earlier instance failed verification",
-            ));
-        }
+        self.check_next(index)?;
+        let chunk = self
+            .opener
+            .chunk_opener()
+            .open(index, ciphertext.to_vec())?;
+        self.push_decrypted(chunk)
+    }
+
+    /// Places a chunk decrypted by a [`ChunkOpener`] (possibly on another thread), which must
+    /// be the next one; checks as [`push`](Self::push) does.
+    ///
+    /// # Errors
+    /// As [`push`](Self::push), except [`ExchangeError::Tampered`], which the opener reports.
+    pub fn push_decrypted(&mut self, chunk: DecryptedChunk) -> Result<OpenedChunk> {
+        let DecryptedChunk { index, plaintext } = chunk;
+        self.check_next(index)?;
         let total = self.opener.total_chunks;
-        if index >= total {
-            return Err(ExchangeError::ChunkOutOfRange { index, total });
-        }
-        if index < self.next {
-            return Err(ExchangeError::DuplicateChunk { index });
-        }
-        if index > self.next {
-            return Err(ExchangeError::MissingChunk { index: self.next });
-        }
-        let plaintext = self.opener.open_chunk(index, ciphertext)?;
         let (payload_size, chunk_size) = self.manifest_chunk_len;
         let expected = super::manifest::chunk_len(payload_size, chunk_size, total, index);
         if plaintext.len() != expected {
@@ -284,6 +347,26 @@ impl ChunkAssembler<'_> {
             plaintext,
             pieces,
         })
+    }
+
+    fn check_next(&self, index: u32) -> Result<()> {
+        if self.failed {
+            return Err(ExchangeError::malformed(
+                "bundle",
+                "an earlier instance failed verification",
+            ));
+        }
+        let total = self.opener.total_chunks;
+        if index >= total {
+            return Err(ExchangeError::ChunkOutOfRange { index, total });
+        }
+        if index < self.next {
+            return Err(ExchangeError::DuplicateChunk { index });
+        }
+        if index > self.next {
+            return Err(ExchangeError::MissingChunk { index: self.next });
+        }
+        Ok(())
     }
 
     /// Checks that every chunk arrived and every instance verified.
@@ -411,16 +494,20 @@ mod tests {
     }
 
     #[test]
-    fn resealing_an_index_with_other_content_is_refused() {
+    fn an_index_is_sealed_once() {
         let f = fixture();
         let mut s = sealer(&f);
-        let first = s.seal_chunk(0, &[1; 1024]).unwrap();
-        assert_eq!(
-            s.seal_chunk(0, &[1; 1024]).unwrap(),
-            first,
-            "retries are deterministic"
-        );
-        let err = s.seal_chunk(0, &[2; 1024]).unwrap_err();
+        s.seal_chunk(0, &[1; 1024]).unwrap();
+        for content in [[1u8; 1024], [2u8; 1024]] {
+            let err = s.seal_chunk(0, &content).unwrap_err();
+            assert!(
+                matches!(err, ExchangeError::ChunkResealed { index: 0 }),
+                "{err}"
+            );
+        }
+        // A writer cannot cut the index again either.
+        let len = s.manifest().chunk_len(0);
+        let err = s.writer().cut(&vec![1; len]).unwrap_err();
         assert!(
             matches!(err, ExchangeError::ChunkResealed { index: 0 }),
             "{err}"

@@ -1,15 +1,14 @@
 //! The sender's side: [`Sealer`] turns a manifest draft into a signed [`BundleHeader`] and
 //! seals payload chunks; [`ChunkWriter`] streams instance bytes into sealed chunks.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fmt;
 
-use chacha20poly1305::{ChaCha20Poly1305, KeyInit as _};
 use ed25519_dalek::Signer as _;
 use rand::RngCore as _;
 use zeroize::Zeroizing;
 
-use super::chunk::{self, InstanceTracker, SealedChunk};
+use super::chunk::{self, ContentCipher, InstanceTracker, SealedChunk, TAG_LEN};
 use super::codec;
 use super::directory::DirectoryEntry;
 use super::manifest::{Envelope, Manifest, ManifestDraft};
@@ -55,15 +54,16 @@ impl SealOptions {
     }
 }
 
-/// Seals one bundle. Holds the bundle's content key (wiped on drop); `Debug` does not show it.
+/// Seals one bundle. Holds the bundle's content key (see [`ContentCipher`] on wiping);
+/// `Debug` does not show it.
 pub struct Sealer {
-    cipher: ChaCha20Poly1305,
+    cipher: ContentCipher,
     header: BundleHeader,
     manifest: Manifest,
     manifest_sha256: [u8; 32],
-    /// SHA-256 of the plaintext sealed at each index so far, to refuse a second, different
-    /// plaintext under the same nonce.
-    sealed: HashMap<u32, [u8; 32]>,
+    /// The chunk indexes handed out for sealing so far: each is sealed at most once, so no
+    /// nonce ever seals two plaintexts.
+    sealed: HashSet<u32>,
 }
 
 impl Sealer {
@@ -119,7 +119,7 @@ impl Sealer {
         }
         let mut key = Zeroizing::new([0u8; 32]);
         rand::rngs::OsRng.fill_bytes(key.as_mut());
-        let cipher = ChaCha20Poly1305::new(key.as_ref().into());
+        let cipher = ContentCipher::new(&key);
         let id = manifest.bundle_id;
         let sealed_manifest = chunk::seal_manifest(&cipher, &id, &json)?;
         let info = content_key_info(&id, sender.org_id(), &recipient.org_id);
@@ -144,7 +144,7 @@ impl Sealer {
             expires_at: manifest.not_after,
         };
         header.signature = sender.signing_key().sign(&header.signed_bytes()).to_bytes();
-        let sealed = HashMap::new();
+        let sealed = HashSet::new();
         Ok(Sealer {
             cipher,
             header,
@@ -171,9 +171,9 @@ impl Sealer {
 
     /// Seals chunk `index`. Its plaintext must be exactly
     /// [`Manifest::chunk_len`]`(index)` bytes of the payload; `is_last` is implied by
-    /// `index == total_chunks - 1`. Sealing the same index again with the same plaintext
-    /// gives the same ciphertext (for retries); with different plaintext it is refused, since
-    /// that would reuse the nonce.
+    /// `index == total_chunks - 1`. Each index is sealed once: a second call for an index
+    /// (here or through a [`ChunkWriter`]) is refused, since different content would reuse
+    /// the nonce. A failed upload is retried with the ciphertext it already has.
     ///
     /// # Errors
     /// [`ExchangeError::ChunkOutOfRange`], [`ExchangeError::ChunkLength`] or
@@ -191,31 +191,103 @@ impl Sealer {
                 actual: plaintext.len(),
             });
         }
-        let digest = codec::sha256(plaintext);
-        if *self.sealed.entry(index).or_insert(digest) != digest {
-            return Err(ExchangeError::ChunkResealed { index });
-        }
-        let ciphertext = chunk::seal(
-            &self.cipher,
-            &self.header.bundle_id,
+        self.claim(index)?;
+        let mut buf = Vec::with_capacity(plaintext.len() + TAG_LEN);
+        buf.extend_from_slice(plaintext);
+        self.chunk_sealer().seal(PlainChunk {
             index,
-            total,
-            plaintext,
-        )?;
-        Ok(SealedChunk { index, ciphertext })
+            plaintext: buf,
+        })
     }
 
-    /// A writer that takes the instances' bytes in manifest order and returns sealed chunks
-    /// as they fill, checking each instance's size and SHA-256 against the manifest.
+    /// Marks `index` as sealed; refuses an index sealed before.
+    fn claim(&mut self, index: u32) -> Result<()> {
+        if self.sealed.insert(index) {
+            Ok(())
+        } else {
+            Err(ExchangeError::ChunkResealed { index })
+        }
+    }
+
+    /// A sealer of the chunks a [`ChunkWriter`] cuts, to use on any thread.
+    pub fn chunk_sealer(&self) -> ChunkSealer {
+        ChunkSealer {
+            cipher: self.cipher.clone(),
+            bundle_id: self.header.bundle_id,
+            total: self.manifest.total_chunks,
+        }
+    }
+
+    /// A writer that takes the instances' bytes in manifest order and cuts them into chunks,
+    /// checking each instance's size and SHA-256 against the manifest.
     pub fn writer(&mut self) -> ChunkWriter<'_> {
         let tracker = InstanceTracker::new(&self.manifest.instances);
-        let cap = self.manifest.chunk_len(0);
+        let cap = self.manifest.chunk_len(0) + TAG_LEN;
         ChunkWriter {
             sealer: self,
             buf: Vec::with_capacity(cap),
             next: 0,
             tracker,
         }
+    }
+}
+
+/// One chunk's plaintext, cut by a [`ChunkWriter`] and not yet sealed. Only the writer makes
+/// them, one per index, so sealing one can never reuse a nonce.
+pub struct PlainChunk {
+    index: u32,
+    /// The plaintext, with room for the tag.
+    plaintext: Vec<u8>,
+}
+
+impl PlainChunk {
+    /// Its index in the bundle.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+}
+
+impl fmt::Debug for PlainChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PlainChunk")
+            .field("index", &self.index)
+            .field("len", &self.plaintext.len())
+            .finish()
+    }
+}
+
+/// Seals [`PlainChunk`]s under a bundle's content key; cheap to clone and to send to other
+/// threads, so chunks are encrypted in parallel.
+#[derive(Clone)]
+pub struct ChunkSealer {
+    cipher: ContentCipher,
+    bundle_id: BundleId,
+    total: u32,
+}
+
+impl ChunkSealer {
+    /// Encrypts the chunk in place.
+    ///
+    /// # Errors
+    /// [`ExchangeError::Seal`] (not expected: only for chunks beyond the AEAD's length limit).
+    pub fn seal(&self, chunk: PlainChunk) -> Result<SealedChunk> {
+        let PlainChunk {
+            index,
+            plaintext: mut buf,
+        } = chunk;
+        chunk::seal(&self.cipher, &self.bundle_id, index, self.total, &mut buf)?;
+        Ok(SealedChunk {
+            index,
+            ciphertext: buf,
+        })
+    }
+}
+
+impl fmt::Debug for ChunkSealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChunkSealer")
+            .field("bundle_id", &self.bundle_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -229,8 +301,8 @@ impl fmt::Debug for Sealer {
     }
 }
 
-/// Streams payload bytes into sealed chunks. Memory: one chunk of plaintext, plus whatever
-/// the returned chunks hold (write at most a chunk's worth at a time to keep it at one).
+/// Streams payload bytes into chunks. Memory: one chunk of plaintext, plus whatever the
+/// returned chunks hold (write at most a chunk's worth at a time to keep it at one).
 pub struct ChunkWriter<'s> {
     sealer: &'s mut Sealer,
     buf: Vec<u8>,
@@ -240,13 +312,14 @@ pub struct ChunkWriter<'s> {
 
 impl ChunkWriter<'_> {
     /// Takes the next payload bytes (instances back to back, in manifest order); returns the
-    /// chunks they completed, in order.
+    /// chunks they completed, in order, to be sealed by a [`ChunkSealer`].
     ///
     /// # Errors
     /// [`ExchangeError::InstanceMismatch`] when an instance's bytes do not hash to the
     /// manifest's SHA-256 (the blob changed since the manifest was made);
-    /// [`ExchangeError::PayloadLength`] when more bytes arrive than the manifest declares.
-    pub fn write(&mut self, mut data: &[u8]) -> Result<Vec<SealedChunk>> {
+    /// [`ExchangeError::PayloadLength`] when more bytes arrive than the manifest declares;
+    /// [`ExchangeError::ChunkResealed`] when [`Sealer::seal_chunk`] already sealed an index.
+    pub fn cut(&mut self, mut data: &[u8]) -> Result<Vec<PlainChunk>> {
         self.tracker.feed(data)?;
         let mut out = Vec::new();
         while !data.is_empty() {
@@ -255,16 +328,37 @@ impl ChunkWriter<'_> {
             self.buf.extend_from_slice(&data[..take]);
             data = &data[take..];
             if take == want {
-                out.push(self.sealer.seal_chunk(self.next, &self.buf)?);
-                self.buf.clear();
+                self.sealer.claim(self.next)?;
+                let m = &self.sealer.manifest;
+                let cap = if self.next + 1 < m.total_chunks {
+                    m.chunk_len(self.next + 1) + TAG_LEN
+                } else {
+                    0
+                };
+                out.push(PlainChunk {
+                    index: self.next,
+                    plaintext: std::mem::replace(&mut self.buf, Vec::with_capacity(cap)),
+                });
                 self.next += 1;
             }
         }
         Ok(out)
     }
 
+    /// [`cut`](Self::cut), then seals each chunk on this thread.
+    ///
+    /// # Errors
+    /// As [`cut`](Self::cut).
+    pub fn write(&mut self, data: &[u8]) -> Result<Vec<SealedChunk>> {
+        let sealer = self.sealer.chunk_sealer();
+        self.cut(data)?
+            .into_iter()
+            .map(|c| sealer.seal(c))
+            .collect()
+    }
+
     /// Checks that the whole payload was written (every chunk was returned by
-    /// [`write`](Self::write)).
+    /// [`cut`](Self::cut) or [`write`](Self::write)).
     ///
     /// # Errors
     /// [`ExchangeError::PayloadLength`] when bytes are missing.
