@@ -104,6 +104,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "index sync",
         include_str!("../../../migrations/sqlite/0007_index_sync.sql"),
     ),
+    (
+        8,
+        "mailbox chunk digest",
+        include_str!("../../../migrations/sqlite/0008_mailbox_chunk_digest.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -140,6 +145,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         7,
         "index sync",
         include_str!("../../../migrations/postgres/0007_index_sync.sql"),
+    ),
+    (
+        8,
+        "mailbox chunk digest",
+        include_str!("../../../migrations/postgres/0008_mailbox_chunk_digest.sql"),
     ),
 ];
 
