@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{IngestError, Source, event};
 
 /// Most instances committed in one transaction.
-const MAX_BATCH: usize = 64;
+pub(crate) const MAX_BATCH: usize = 64;
 
 /// A sync barrier is written once no instance arrived for this long…
 pub(crate) const SETTLE_IDLE: Duration = Duration::from_millis(200);

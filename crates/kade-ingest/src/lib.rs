@@ -2,7 +2,8 @@
 //! receive → validate → store → index (+ audit) → acknowledge.
 //!
 //! # Layout
-//! - [`Ingest`] (this module): the pipeline and the duplicate policy.
+//! - [`Ingest`] (this module): the pipeline and the duplicate policy; [`Ingest::stage`] and
+//!   [`Ingest::commit_staged`] split it for imports that become visible all at once.
 //! - `commit`: group commit of index rows and audit entries from concurrent stores.
 //! - [`incoming`]: [`Incoming`], the bytes of one instance as they arrive, spooled and hashed.
 //! - [`parse`]: parsing and validation of a spooled Part 10 file.
@@ -89,6 +90,42 @@ pub struct Summary {
     pub size: u64,
 }
 
+/// What [`Ingest::stage`] did with an instance.
+#[derive(Debug)]
+pub enum Prepared {
+    /// Stored as a blob, not yet indexed.
+    Staged(Staged),
+    /// Nothing to index: the same object is already stored, or a different one was kept
+    /// (policy `keep-existing`).
+    Done(Stored),
+}
+
+/// An instance validated and stored as a blob, not yet indexed (see [`Ingest::stage`]).
+#[derive(Debug)]
+pub struct Staged {
+    summary: Summary,
+    rec: commit::Record,
+    blob: Blob,
+    /// The row it replaces (policy `replace`).
+    replacing: Option<write::ExistingInstance>,
+}
+
+impl Staged {
+    /// What it is.
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+}
+
+/// How a prepared instance's blob was written.
+#[derive(Debug)]
+enum Blob {
+    /// Named in the journal (its marker, if any): indexed at once by [`Ingest::finish`].
+    Journaled(Option<kade_store::Marker>),
+    /// Staged: its directory entry is synced when it is committed.
+    Staged(kade_store::Staging),
+}
+
 /// Why an instance was not stored. Each variant maps to one DIMSE status / HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -156,6 +193,81 @@ impl Ingest {
     /// # Errors
     /// See [`IngestError`]; the archive is unchanged on error.
     pub async fn finish(&self, incoming: Incoming, source: &Source) -> Result<Stored, IngestError> {
+        match self.prepare(incoming, source, false).await? {
+            Prepared::Done(stored) => Ok(stored),
+            Prepared::Staged(staged) => self.commit(staged, source).await,
+        }
+    }
+
+    /// Validates a completely received instance and writes its blob, but does not index it:
+    /// until [`Ingest::commit_staged`], no query, retrieval or export sees it, and start-up
+    /// recovery never indexes it. Whatever is not committed must be given to
+    /// [`Ingest::discard`] (a crash in between leaves an orphan blob for `kade fsck`). The
+    /// exchange stages a bundle's instances while its later chunks are still being verified.
+    ///
+    /// # Errors
+    /// See [`IngestError`]; the archive is unchanged on error.
+    pub async fn stage(
+        &self,
+        incoming: Incoming,
+        source: &Source,
+    ) -> Result<Prepared, IngestError> {
+        self.prepare(incoming, source, true).await
+    }
+
+    /// Indexes staged instances: makes their blobs' names durable (one directory sync for
+    /// all), then commits their rows and audit entries (in groups, as concurrent stores are).
+    /// Answers in the order given.
+    ///
+    /// # Errors
+    /// When the blob directories cannot be synced; then nothing was indexed and every
+    /// instance was discarded.
+    pub async fn commit_staged(
+        &self,
+        mut staged: Vec<Staged>,
+        source: &Source,
+    ) -> Result<Vec<Result<Stored, IngestError>>, IngestError> {
+        use futures::StreamExt;
+        let stagings = staged
+            .iter_mut()
+            .filter_map(|s| match &mut s.blob {
+                Blob::Staged(st) => Some(std::mem::take(st)),
+                Blob::Journaled(_) => None,
+            })
+            .collect();
+        if let Err(e) = self.store.sync_staged(stagings).await {
+            for s in staged {
+                self.discard(s).await;
+            }
+            return Err(e.into());
+        }
+        Ok(futures::stream::iter(staged)
+            .map(|s| self.commit(s, source))
+            .buffered(commit::MAX_BATCH * 4)
+            .collect()
+            .await)
+    }
+
+    /// Removes a staged instance's blob, unless an index row names it by now (the same
+    /// object stored meanwhile by another sender).
+    pub async fn discard(&self, staged: Staged) {
+        let key = staged.rec.blob_key;
+        if let Ok(Some(e)) = self.indexed(staged.summary.sop_instance_uid.as_str()).await {
+            if e.blob_key == key {
+                return;
+            }
+        }
+        self.discard_blob(&key).await;
+    }
+
+    /// Validation, the blob, and the duplicate checks; `staged` writes the blob without a
+    /// journal marker (see [`Ingest::stage`]).
+    async fn prepare(
+        &self,
+        incoming: Incoming,
+        source: &Source,
+        staged: bool,
+    ) -> Result<Prepared, IngestError> {
         let incoming::Complete {
             received,
             len: size,
@@ -198,18 +310,24 @@ impl Ingest {
             &sha256,
         );
 
-        let t_parsed = t0.elapsed();
         let payload = match received {
             incoming::Received::Memory(b) => Payload::Bytes(b),
             incoming::Received::File(f) => Payload::Spooled(f),
         };
+        let put = async {
+            if staged {
+                self.store.put_staged(&key, payload).await.map(Blob::Staged)
+            } else {
+                self.store
+                    .put_journaled(&key, payload)
+                    .await
+                    .map(Blob::Journaled)
+            }
+        };
         // Whether the SOP Instance UID is taken is asked while the blob is written: a resend
         // or a conflict is rare, and then the new blob is removed again.
-        let (existing, marker) = tokio::join!(
-            self.indexed(a.sop_instance_uid.as_str()),
-            self.store.put_journaled(&key, payload)
-        );
-        let marker = marker?;
+        let (existing, blob) = tokio::join!(self.indexed(a.sop_instance_uid.as_str()), put);
+        let blob = blob?;
         let existing = match existing {
             Ok(e) => e,
             Err(e) => {
@@ -226,24 +344,51 @@ impl Ingest {
                 }
                 if same? {
                     tracing::debug!(sop = %a.sop_instance_uid, "identical instance already stored");
-                    return Ok(Stored::AlreadyPresent(summary));
+                    return Ok(Prepared::Done(Stored::AlreadyPresent(summary)));
                 }
                 if !replace {
-                    return self.conflict(source, a, summary).await;
+                    return self.conflict(source, a, summary).await.map(Prepared::Done);
                 }
                 Some(e)
             }
             None => None,
         };
-        let t_stored = t0.elapsed();
+        tracing::debug!(
+            sop = %summary.sop_instance_uid,
+            parse_and_store_us = t0.elapsed().as_micros() as u64,
+            "instance stored, not yet indexed"
+        );
         let rec = commit::Record {
-            attrs: a.clone(),
-            transfer_syntax_uid: parsed.transfer_syntax.clone(),
+            attrs: parsed.attrs,
+            transfer_syntax_uid: parsed.transfer_syntax,
             blob_key: key.as_str().to_owned(),
             size_bytes: size,
-            sha256: sha256.clone(),
+            sha256,
             metadata_json: parsed.metadata_json,
         };
+        Ok(Prepared::Staged(Staged {
+            summary,
+            rec,
+            blob,
+            replacing,
+        }))
+    }
+
+    /// Indexes a prepared instance (its row and audit entry, group-committed).
+    async fn commit(&self, staged: Staged, source: &Source) -> Result<Stored, IngestError> {
+        let Staged {
+            summary,
+            rec,
+            blob,
+            replacing,
+        } = staged;
+        let marker = match blob {
+            Blob::Journaled(m) => m,
+            Blob::Staged(_) => None,
+        };
+        let key = rec.blob_key.clone();
+        let sha256 = rec.sha256.clone();
+        let attrs = rec.attrs.clone();
         let kind = if replacing.is_some() {
             EventKind::InstanceReplaced
         } else {
@@ -258,36 +403,30 @@ impl Ingest {
             Ok(InsertOutcome::Inserted { .. }) => {}
             Ok(InsertOutcome::Exists(e)) => {
                 // Lost a race with a concurrent store of the same SOP Instance UID.
-                let same = self.same_dataset(&e, &sha256, key.as_str()).await;
-                if e.blob_key != key.as_str() {
-                    self.discard_blob(key.as_str()).await;
+                let same = self.same_dataset(&e, &sha256, &key).await;
+                if e.blob_key != key {
+                    self.discard_blob(&key).await;
                 }
                 return if same? {
                     Ok(Stored::AlreadyPresent(summary))
                 } else {
-                    self.conflict(source, a, summary).await
+                    self.conflict(source, &attrs, summary).await
                 };
             }
             Err(e) => {
-                self.discard_blob(key.as_str()).await;
+                self.discard_blob(&key).await;
                 return Err(e);
             }
         }
         match replacing {
             Some(old) => {
-                if old.blob_key != key.as_str() {
+                if old.blob_key != key {
                     self.discard_blob(&old.blob_key).await;
                 }
                 Ok(Stored::Replaced(summary))
             }
             None => {
-                tracing::debug!(
-                    sop = %summary.sop_instance_uid,
-                    parse_us = t_parsed.as_micros() as u64,
-                    store_us = (t_stored - t_parsed).as_micros() as u64,
-                    index_us = (t0.elapsed() - t_stored).as_micros() as u64,
-                    "instance ingested"
-                );
+                tracing::debug!(sop = %summary.sop_instance_uid, "instance ingested");
                 Ok(Stored::New(summary))
             }
         }

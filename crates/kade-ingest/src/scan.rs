@@ -48,6 +48,9 @@ struct Scanner<R> {
 pub struct PixelData {
     /// Its VR (`OB` or `OW`), when the encoding is explicit.
     pub vr: Option<[u8; 2]>,
+    /// Where its tag starts, from the start of the file; every element after it belongs to
+    /// the top level too.
+    pub offset: u64,
 }
 
 /// Checks the data set from byte `start` to the end of `file` (`len` bytes in all) and
@@ -134,6 +137,7 @@ impl<R: Read + Seek> Scanner<R> {
                 None if depth == 0 && self.pos == self.len => return Ok(()),
                 _ => {}
             }
+            let at = self.pos;
             let group = self.u16(enc)?;
             let elem = self.u16(enc)?;
             let tag = format!("({group:04X},{elem:04X})");
@@ -191,7 +195,7 @@ impl<R: Read + Seek> Scanner<R> {
                 }
             };
             if depth == 0 && group == 0x7FE0 && elem == 0x0010 {
-                self.pixel_data = Some(PixelData { vr });
+                self.pixel_data = Some(PixelData { vr, offset: at });
             }
             if l == UNDEFINED {
                 // A sequence, encapsulated pixel data, or a CP-246 UN sequence (implicit VR inside).
@@ -264,7 +268,13 @@ mod tests {
         enc.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 4, 0, 0, 0, 0xFE, 0xFF, 0xDD, 0xE0]);
         enc.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
         let px = check(Cursor::new(&enc), 0, enc.len() as u64, Encoding::ExplicitLe).unwrap();
-        assert_eq!(px, Some(PixelData { vr: Some(*b"OB") }));
+        assert_eq!(
+            px,
+            Some(PixelData {
+                vr: Some(*b"OB"),
+                offset: d.len() as u64
+            })
+        );
         bad.extend_from_slice(&[0u8; 16]);
         let err = run(&bad, Encoding::ExplicitLe).unwrap_err();
         assert!(

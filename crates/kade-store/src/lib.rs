@@ -23,6 +23,15 @@
 //! cut, kernel crash). Once a database sync covers the row, [`BlobStore::settle`] syncs the
 //! blob directories and removes the markers. S3 has no journal: there `put_journaled` returns
 //! no marker and the row is committed with a full sync.
+//!
+//! # Staged blobs
+//! [`BlobStore::put_staged`] writes a blob whose index row may never come (the exchange
+//! stages a bundle's instances while later chunks are still being verified). On the local
+//! backend the file is written in the spool directory, fsynced and renamed to its key, so its
+//! key never names a partial file; its directory entry is synced only by
+//! [`BlobStore::sync_staged`], once for all the blobs that are then indexed. No journal
+//! marker names it: recovery never indexes a staged blob, and one whose row never came is an
+//! orphan for `kade fsck` (the caller deletes it at once when it gives up on it).
 
 pub mod key;
 pub mod spool;
@@ -111,6 +120,8 @@ pub struct BlobStore {
     local_root: Option<PathBuf>,
     spool_dir: PathBuf,
     description: String,
+    /// Local backend: blobs stay out of the page cache (see [`BlobStore::uncached`]).
+    uncached: bool,
 }
 
 /// A blob named in the journal of unsettled blobs (see the module docs). Dropping it keeps the
@@ -130,7 +141,14 @@ impl Marker {
     }
 }
 
-/// What [`BlobStore::put_journaled`] stores.
+/// A staged blob's directories whose entries are not synced yet (empty on S3); give it to
+/// [`BlobStore::sync_staged`] before indexing the blob.
+#[derive(Debug, Default)]
+pub struct Staging {
+    dirs: Vec<PathBuf>,
+}
+
+/// What [`BlobStore::put_journaled`] and [`BlobStore::put_staged`] store.
 #[derive(Debug)]
 pub enum Payload {
     /// Bytes in memory.
@@ -162,6 +180,7 @@ impl BlobStore {
             description: format!("local directory {}", root.display()),
             local_root: Some(root),
             spool_dir: spool_dir.to_owned(),
+            uncached: false,
         })
     }
 
@@ -192,7 +211,22 @@ impl BlobStore {
             local_root: None,
             spool_dir: spool_dir.to_owned(),
             description: format!("S3 bucket {}/{} at {}", opts.bucket, prefix, opts.endpoint),
+            uncached: false,
         })
+    }
+
+    /// This store with blobs kept out of the page cache on the local backend: [`put_bytes`]
+    /// drops each blob from the cache once it is synced, and [`get`] reads with direct I/O
+    /// where the filesystem allows it. For the exchange mailbox, which writes each chunk once
+    /// and reads it once: caching them only pushes out what others read, and on a virtual
+    /// machine that hands freed memory back to its host, growing the cache costs about 3 s
+    /// of CPU per GB (BENCHMARKS.md, exchange). No effect on S3.
+    ///
+    /// [`put_bytes`]: BlobStore::put_bytes
+    /// [`get`]: BlobStore::get
+    pub fn uncached(mut self) -> Self {
+        self.uncached = true;
+        self
     }
 
     /// A human-readable description of the backend, for logs and `kade stats`.
@@ -266,6 +300,47 @@ impl BlobStore {
             path: marker_path,
             dirs,
         }))
+    }
+
+    /// Writes a staged blob (see the module docs): its content is durable when this returns,
+    /// its name only after [`BlobStore::sync_staged`] on what this returns.
+    ///
+    /// # Errors
+    /// When writing or uploading fails; the blob is then absent.
+    pub async fn put_staged(&self, key: &BlobKey, payload: Payload) -> Result<Staging, StoreError> {
+        let Some(root) = &self.local_root else {
+            match payload {
+                Payload::Bytes(b) => self.put_bytes(key, b).await?,
+                Payload::Spooled(f) => self.upload(key, f).await?,
+            }
+            return Ok(Staging { dirs: Vec::new() });
+        };
+        let dest = root.join(key.as_str());
+        let (root, spool) = (root.clone(), self.spool_dir.clone());
+        let dirs = tokio::task::spawn_blocking(move || match payload {
+            Payload::Bytes(b) => spool::write_staged(&b, &spool, &root, &dest),
+            Payload::Spooled(f) => spool::persist_staged(f, &root, &dest),
+        })
+        .await
+        .expect("write task panicked")?;
+        Ok(Staging { dirs })
+    }
+
+    /// Makes the names of staged blobs durable: syncs each directory they were written to,
+    /// once.
+    ///
+    /// # Errors
+    /// When a directory cannot be synced.
+    pub async fn sync_staged(&self, staged: Vec<Staging>) -> Result<(), StoreError> {
+        let mut dirs: Vec<PathBuf> = staged.into_iter().flat_map(|s| s.dirs).collect();
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        dirs.sort();
+        dirs.dedup();
+        tokio::task::spawn_blocking(move || spool::sync_dirs(&dirs))
+            .await
+            .expect("sync task panicked")
     }
 
     /// Removes the markers of blobs whose index rows are now durable, after syncing the
@@ -355,9 +430,9 @@ impl BlobStore {
         match &self.local_root {
             Some(root) => {
                 let dest = root.join(key.as_str());
-                let (root, spool) = (root.clone(), self.spool_dir.clone());
+                let (root, spool, uncached) = (root.clone(), self.spool_dir.clone(), self.uncached);
                 tokio::task::spawn_blocking(move || {
-                    spool::write_local(&bytes, &spool, &root, &dest)
+                    spool::write_local(&bytes, &spool, &root, &dest, uncached)
                 })
                 .await
                 .expect("write task panicked")
@@ -406,6 +481,18 @@ impl BlobStore {
     /// # Errors
     /// [`StoreError::NotFound`] when absent, or the backend's error.
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        if let (true, Some(root)) = (self.uncached, &self.local_root) {
+            let (path, key) = (root.join(key), key.to_owned());
+            return tokio::task::spawn_blocking(move || match spool::read_uncached(&path) {
+                Ok(v) => Ok(Bytes::from(v)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(StoreError::NotFound(key))
+                }
+                Err(e) => Err(StoreError::io("read", &path, e)),
+            })
+            .await
+            .expect("read task panicked");
+        }
         let r = self
             .store
             .get(&ObjPath::from(key))
@@ -550,5 +637,38 @@ fn not_found(key: &str, e: object_store::Error) -> StoreError {
     match e {
         object_store::Error::NotFound { .. } => StoreError::NotFound(key.to_owned()),
         e => StoreError::ObjectStore(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mailbox's store: blobs of every size come back as written, with direct I/O where
+    /// the filesystem has it (not tmpfs: then the ordinary read), and a missing one is
+    /// `NotFound`.
+    #[tokio::test]
+    async fn uncached_blobs_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::local(&dir.path().join("blobs"), &dir.path().join("spool"))
+            .unwrap()
+            .uncached();
+        for (i, len) in [1usize, 4095, 4096, 4097, 3 * 1024 * 1024 + 16]
+            .into_iter()
+            .enumerate()
+        {
+            let bytes: Vec<u8> = (0..len).map(|j| (j * 31 + i) as u8).collect();
+            let key = BlobKey::exchange_chunk("0123456789abcdef0123456789abcdef", i as u32);
+            store
+                .put_bytes(&key, Bytes::from(bytes.clone()))
+                .await
+                .unwrap();
+            assert_eq!(store.get(key.as_str()).await.unwrap(), bytes, "{len} bytes");
+        }
+        let missing = BlobKey::exchange_chunk("0123456789abcdef0123456789abcdef", 99);
+        assert!(matches!(
+            store.get(missing.as_str()).await,
+            Err(StoreError::NotFound(k)) if k == missing.as_str()
+        ));
     }
 }

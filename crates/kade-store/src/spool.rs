@@ -121,11 +121,13 @@ impl Drop for SpooledFile {
 }
 
 /// Writes `bytes` to a new file in `spool_dir`, fsyncs it and moves it to `dest` (blocking).
+/// With `uncached`, its pages then leave the page cache ([`drop_cache`]).
 pub(crate) fn write_local(
     bytes: &[u8],
     spool_dir: &Path,
     root: &Path,
     dest: &Path,
+    uncached: bool,
 ) -> Result<(), StoreError> {
     let path = spool_dir.join(temp_name());
     let file = SpooledFile {
@@ -141,6 +143,9 @@ pub(crate) fn write_local(
     std::io::Write::write_all(&mut f, bytes).map_err(|e| StoreError::io("write", &path, e))?;
     f.sync_all()
         .map_err(|e| StoreError::io("fsync", &path, e))?;
+    if uncached {
+        drop_cache(&f);
+    }
     persist_local(file, root, dest)
 }
 
@@ -172,7 +177,7 @@ pub(crate) fn write_journaled(
     {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return write_local(bytes, spool_dir, root, dest).map(|()| None);
+            return write_local(bytes, spool_dir, root, dest, false).map(|()| None);
         }
         Err(e) => return Err(StoreError::io("create", dest, e)),
     };
@@ -209,6 +214,48 @@ pub(crate) fn persist_journaled(
     file.keep = true;
     sync_dir(marker.parent().expect("markers are in a directory"))?;
     Ok(Some(unsynced(dir, created)))
+}
+
+/// Writes `bytes` to a new file in `spool_dir`, fsyncs it, drops it from the page cache
+/// ([`drop_cache`]: a bulk import) and renames it to `dest` (blocking), without syncing any
+/// directory. Returns the directories whose entries changed: `dest`'s and
+/// the parents of directories created for it.
+pub(crate) fn write_staged(
+    bytes: &[u8],
+    spool_dir: &Path,
+    root: &Path,
+    dest: &Path,
+) -> Result<Vec<PathBuf>, StoreError> {
+    let path = spool_dir.join(temp_name());
+    let file = SpooledFile {
+        path: path.clone(),
+        len: bytes.len() as u64,
+        keep: false,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| StoreError::io("create", &path, e))?;
+    std::io::Write::write_all(&mut f, bytes).map_err(|e| StoreError::io("write", &path, e))?;
+    f.sync_all()
+        .map_err(|e| StoreError::io("fsync", &path, e))?;
+    drop_cache(&f);
+    persist_staged(file, root, dest)
+}
+
+/// Renames a synced spool file to `dest` under `root` without syncing any directory; returns
+/// the directories whose entries changed.
+pub(crate) fn persist_staged(
+    mut file: SpooledFile,
+    root: &Path,
+    dest: &Path,
+) -> Result<Vec<PathBuf>, StoreError> {
+    let dir = dest.parent().expect("blob keys have a directory");
+    let created = create_dirs(root, dir)?;
+    std::fs::rename(&file.path, dest).map_err(|e| StoreError::io("rename into", dest, e))?;
+    file.keep = true;
+    Ok(unsynced(dir, created))
 }
 
 /// `dir` and the parents of the directories created for it.
@@ -295,6 +342,72 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| StoreError::io("fsync directory", dir, e))
+}
+
+/// Asks the kernel to drop a synced file's pages from the page cache (Linux; elsewhere
+/// nothing). For bytes that will not be read again soon: the cache keeps what readers use, and
+/// on machines that hand freed memory back to their host (virtual machines with free page
+/// reporting) growing the cache costs about 3 s of CPU per GB in the kernel, where reusing
+/// pages just dropped costs a tenth of that (BENCHMARKS.md, exchange).
+pub(crate) fn drop_cache(f: &std::fs::File) {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::DontNeed) {
+        tracing::debug!(error = %e, "could not drop a file from the page cache");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = f;
+}
+
+/// Reads a whole file without going through the page cache where the filesystem allows
+/// direct I/O (Linux), else with ordinary reads and then [`drop_cache`].
+pub(crate) fn read_uncached(path: &Path) -> std::io::Result<Vec<u8>> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path);
+        if let Ok(f) = direct {
+            if let Ok(v) = read_direct(&f) {
+                return Ok(v);
+            }
+        }
+    }
+    let mut f = std::fs::File::open(path)?;
+    let mut v = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut v)?;
+    drop_cache(&f);
+    Ok(v)
+}
+
+/// Direct I/O wants buffers, offsets and lengths aligned to the device's block size; 4096
+/// covers the usual 512- and 4096-byte blocks.
+#[cfg(target_os = "linux")]
+const DIRECT_ALIGN: usize = 4096;
+
+/// Reads all of `f` (opened with `O_DIRECT`) into an aligned part of a buffer.
+#[cfg(target_os = "linux")]
+fn read_direct(f: &std::fs::File) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let len = usize::try_from(f.metadata()?.len()).map_err(std::io::Error::other)?;
+    let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let mut buf = vec![0u8; padded + DIRECT_ALIGN];
+    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    let mut done = 0;
+    let mut r = f;
+    while done < padded {
+        match r.read(&mut buf[start + done..start + padded])? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    if done != len {
+        return Err(std::io::Error::other("the file changed while it was read"));
+    }
+    buf.truncate(start + len);
+    buf.drain(..start);
+    Ok(buf)
 }
 
 /// Deletes every `*.part` file in `dir`.
