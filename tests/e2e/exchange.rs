@@ -606,6 +606,7 @@ async fn tampering_replay_wrong_signer_recall_expiry_and_bad_certificates_are_re
     let s = spec("A-1", None, Some(BSN), "19700101");
     store(&a, &s);
     let before = b.stats()["instances"].as_u64().unwrap();
+    let blobs_before = blob_keys(&b).await;
 
     // mTLS: no client certificate, or one from another CA: no connection at all.
     let none = mb
@@ -683,6 +684,9 @@ async fn tampering_replay_wrong_signer_recall_expiry_and_bad_certificates_are_re
         before,
         "nothing imported"
     );
+    // The instance that chunk 0 completed was staged while chunk 1 arrived; the refusal
+    // deleted its blob again.
+    assert_eq!(blob_keys(&b).await, blobs_before, "no staged blob is left");
     wait_for("A to see failed", || {
         status_of(&a, &id)["state"] == "failed"
     })
@@ -701,6 +705,7 @@ async fn tampering_replay_wrong_signer_recall_expiry_and_bad_certificates_are_re
     let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(out[0]["result"], "refused", "{out}");
     assert_eq!(b.stats()["instances"].as_u64().unwrap(), before);
+    assert_eq!(blob_keys(&b).await, blobs_before, "no staged blob is left");
 
     // Replay: the same header again is 409; with B's certificate it is 403.
     let header: String =
@@ -789,13 +794,29 @@ async fn tampering_replay_wrong_signer_recall_expiry_and_bad_certificates_are_re
             .unwrap();
         assert_eq!(r.status().as_u16(), 201);
         let chunk = sealer.seal_chunk(0, &payload).unwrap();
-        let r = client
-            .put(format!("{}/v1/bundles/{fid}/chunks/0", mb.url()))
-            .body(chunk.ciphertext)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
+        // A held chunk sent again: the same bytes are accepted (a resumed upload), other
+        // bytes are refused and the stored ones kept.
+        let mut other = chunk.ciphertext.clone();
+        other[3] ^= 1;
+        for (body, code) in [
+            (chunk.ciphertext.clone(), 204),
+            (chunk.ciphertext.clone(), 204),
+            (other, 409),
+        ] {
+            let r = client
+                .put(format!("{}/v1/bundles/{fid}/chunks/0", mb.url()))
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), code);
+        }
+        assert_eq!(
+            mb.node
+                .blob(&format!("exchange/{fid}/{:08}.chunk", 0))
+                .await,
+            chunk.ciphertext
+        );
         let r = client
             .post(format!("{}/v1/bundles/{fid}/seal", mb.url()))
             .send()
@@ -859,6 +880,13 @@ async fn tampering_replay_wrong_signer_recall_expiry_and_bad_certificates_are_re
     );
     let audit = ok(&b, &["audit", "tail", "-n", "100", "--json"]);
     assert!(audit.contains("exchange-refused"));
+}
+
+/// The keys of every blob in a node's store, sorted.
+async fn blob_keys(n: &Node) -> Vec<String> {
+    let mut keys: Vec<String> = n.all_blobs().await.into_iter().map(|(k, _)| k).collect();
+    keys.sort();
+    keys
 }
 
 fn json_fail(n: &Node, args: &[&str]) -> serde_json::Value {

@@ -120,7 +120,7 @@ impl MailboxClient {
         &self,
         method: Method,
         path: &str,
-        body: Option<(Vec<u8>, &'static str)>,
+        body: Option<(bytes::Bytes, &'static str)>,
     ) -> anyhow::Result<bytes::Bytes> {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some((b, ct)) = body {
@@ -166,7 +166,7 @@ impl MailboxClient {
         what: &str,
         method: Method,
         path: &str,
-        body: Option<(Vec<u8>, &'static str)>,
+        body: Option<(bytes::Bytes, &'static str)>,
     ) -> anyhow::Result<bytes::Bytes> {
         self.retry(what, || self.once(method.clone(), path, body.clone()))
             .await
@@ -188,7 +188,10 @@ impl MailboxClient {
     /// # Errors
     /// Transport errors or a refusal other than 409.
     pub async fn create(&self, header_json: &str) -> anyhow::Result<bool> {
-        let body = Some((header_json.as_bytes().to_vec(), "application/json"));
+        let body = Some((
+            bytes::Bytes::copy_from_slice(header_json.as_bytes()),
+            "application/json",
+        ));
         match self
             .call("creating the bundle", Method::POST, "/v1/bundles", body)
             .await
@@ -221,7 +224,12 @@ impl MailboxClient {
     ///
     /// # Errors
     /// Transport errors or a refusal.
-    pub async fn put_chunk_once(&self, id: &str, index: u32, bytes: Vec<u8>) -> anyhow::Result<()> {
+    pub async fn put_chunk_once(
+        &self,
+        id: &str,
+        index: u32,
+        bytes: bytes::Bytes,
+    ) -> anyhow::Result<()> {
         self.once(
             Method::PUT,
             &format!("/v1/bundles/{id}/chunks/{index}"),
@@ -306,7 +314,7 @@ impl MailboxClient {
             "delivering the receipt",
             Method::POST,
             &format!("/v1/bundles/{id}/receipt"),
-            Some((sealed, "application/octet-stream")),
+            Some((sealed.into(), "application/octet-stream")),
         )
         .await
         .map(|_| ())

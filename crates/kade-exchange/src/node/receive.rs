@@ -2,10 +2,18 @@
 //! patient, import through kade-ingest, answer with a signed receipt.
 //!
 //! Order of trust: the header's signature is checked against the directory before anything
-//! is decrypted; chunks are authenticated one by one and assembled strictly in order; every
-//! instance's SHA-256 is checked as its last byte arrives; nothing is imported before the
-//! whole bundle verified. Decrypted instances wait in `DATA_DIR/exchange/incoming/{bundle}/`
-//! (owner-only) until imported; a bundle waiting for reconciliation keeps them there.
+//! is decrypted; chunks are authenticated one by one (decrypted in parallel, on blocking
+//! threads) and assembled strictly in order; every instance's SHA-256 is checked as its last
+//! byte arrives; nothing becomes visible before the whole bundle verified.
+//!
+//! The patient is reconciled from the manifest before the download. When it matches, each
+//! verified instance is coerced and *staged* through ingest while later chunks are still
+//! arriving ([`kade_ingest::Ingest::stage`]: stored, not indexed); once the last chunk
+//! verified, all are indexed ([`kade_ingest::Ingest::commit_staged`]); if the bundle fails
+//! instead, the staged blobs are deleted and nothing was ever visible. A crash in between
+//! leaves orphan blobs (for `kade fsck`) and no inbox row, so the bundle is fetched again.
+//! A bundle that waits for reconciliation is kept as files in
+//! `DATA_DIR/exchange/incoming/{bundle}/` (owner-only) until a person reconciles it.
 
 use std::path::{Path, PathBuf};
 
@@ -13,22 +21,23 @@ use anyhow::{Context, anyhow};
 use futures::StreamExt;
 use kade_audit::{AuditEvent, EventKind, Outcome};
 use kade_core::Uid;
-use kade_ingest::{Expected, Source, Stored};
+use kade_ingest::{Expected, Prepared, Source, Staged, Stored};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use tokio::io::AsyncWriteExt;
 
-/// Chunks downloaded ahead of the one being assembled.
+/// Chunks downloaded (and decrypted) ahead of the one being assembled.
 const DOWNLOADS_AHEAD: usize = 4;
-/// Instances imported at once (ingest commits them in groups).
-const IMPORTS_IN_FLIGHT: usize = 4;
+/// Instances coerced and staged at once.
+const STAGES_IN_FLIGHT: usize = 4;
 
-use super::client::{InboxEntry, refusal_status};
+use super::client::{InboxEntry, MailboxClient, refusal_status};
 use super::reconcile::{self, Decision, LocalPatient};
 use super::{ExchangeNode, now};
 use crate::ExchangeError;
 use crate::bundle::{
-    BundleHeader, Directory, InstanceOutcome, Manifest, Opener, OutcomeEntry, Receipt,
+    BundleHeader, ChunkAssembler, ChunkOpener, DecryptedChunk, Directory, InstanceOutcome,
+    Manifest, OpenedChunk, Opener, OutcomeEntry, Receipt,
 };
 
 /// What happened to one bundle.
@@ -269,29 +278,73 @@ impl ExchangeNode {
             manifest.studies.first().map(|s| s.study_uid.as_str()),
         )
         .await;
-        let work = self.incoming(id);
-        let t0 = std::time::Instant::now();
-        if let Err(e) = self.download(id, &opener, &manifest, &work).await {
-            let reason = match e.downcast_ref::<ExchangeError>() {
-                Some(x) => refusal_reason(x),
-                None => match refusal_status(&e) {
-                    Some(_) => format!("{e:#}"),
-                    None => return Err(e),
-                },
-            };
-            return self.refuse(entry, reason, Some((dir, &opener))).await;
-        }
+        // The patient is reconciled from the manifest before the download: a match lets the
+        // instances be staged while later chunks arrive; a queued bundle is kept as files.
+        let decision = reconcile::decide(&self.index, &manifest.patient).await?;
         let kept = Kept {
             manifest_sha256: hex::encode(opener.manifest_sha256()),
             manifest,
+        };
+        let t0 = std::time::Instant::now();
+        let refusal = |e: anyhow::Error| match e.downcast_ref::<ExchangeError>() {
+            Some(x) => Ok(refusal_reason(x)),
+            None => match refusal_status(&e) {
+                Some(_) => Ok(format!("{e:#}")),
+                None => Err(e),
+            },
+        };
+        let local = match decision {
+            Decision::Match(local) => local,
+            Decision::Queue(reason) => {
+                let work = self.incoming(id);
+                if let Err(e) = self.download_to(id, &opener, &kept.manifest, &work).await {
+                    let why = refusal(e)?;
+                    return self.refuse(entry, why, Some((dir, &opener))).await;
+                }
+                return self.queue(entry, &kept, reason).await;
+            }
+        };
+        let staged = match self
+            .download_staged(id, &opener, &kept.manifest, &local)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let why = refusal(e)?;
+                return self.refuse(entry, why, Some((dir, &opener))).await;
+            }
         };
         tracing::info!(
             bundle = %id,
             secs = t0.elapsed().as_secs_f64(),
             bytes = kept.manifest.payload_size,
-            "bundle downloaded, decrypted and verified"
+            "bundle downloaded, decrypted, verified and staged"
         );
-        let decision = reconcile::decide(&self.index, &kept.manifest.patient).await?;
+        let t1 = std::time::Instant::now();
+        let outcomes = self.commit(staged, &kept.manifest).await?;
+        tracing::info!(bundle = %id, secs = t1.elapsed().as_secs_f64(), "bundle imported");
+        let result = self
+            .imported(id, &entry.sender, &kept, &local, dir, outcomes)
+            .await?;
+        Ok(ReceiveReport {
+            bundle_id: id.clone(),
+            sender: entry.sender.clone(),
+            result,
+        })
+    }
+
+    /// Puts a downloaded, verified bundle in the reconciliation queue.
+    async fn queue(
+        &self,
+        entry: &InboxEntry,
+        kept: &Kept,
+        reason: String,
+    ) -> anyhow::Result<ReceiveReport> {
+        let id = &entry.bundle_id;
+        let dir = self.incoming(id);
+        tokio::task::spawn_blocking(move || sync_all(&dir))
+            .await
+            .map_err(|e| anyhow!("sync task: {e}"))??;
         let t = now() as i64;
         sqlx::query(
             "INSERT INTO exchange_inbox (bundle_id, sender, state, reason, manifest_json, \
@@ -299,49 +352,30 @@ impl ExchangeNode {
         )
         .bind(id)
         .bind(&entry.sender)
-        .bind(match &decision {
-            Decision::Queue(r) => Some(r.as_str()),
-            Decision::Match(_) => None,
-        })
-        .bind(serde_json::to_string(&kept)?)
+        .bind(&reason)
+        .bind(serde_json::to_string(kept)?)
         .bind(t)
         .execute(&mut *self.index.acquire_write().await?)
         .await?;
-        match decision {
-            Decision::Match(local) => {
-                let result = self.import(id, &kept, &local, dir).await?;
-                Ok(ReceiveReport {
-                    bundle_id: id.clone(),
-                    sender: entry.sender.clone(),
-                    result,
-                })
-            }
-            Decision::Queue(reason) => {
-                let dir = self.incoming(id);
-                tokio::task::spawn_blocking(move || sync_all(&dir))
-                    .await
-                    .map_err(|e| anyhow!("sync task: {e}"))??;
-                self.record(
-                    EventKind::ExchangeImport,
-                    Outcome::MinorFailure,
-                    &format!("org:{}", entry.sender),
-                    format!("bundle {id} queued for reconciliation: {reason}"),
-                    Some(&kept.manifest.patient.id),
-                    kept.manifest.studies.first().map(|s| s.study_uid.as_str()),
-                )
-                .await;
-                Ok(ReceiveReport {
-                    bundle_id: id.clone(),
-                    sender: entry.sender.clone(),
-                    result: Received::Queued { reason },
-                })
-            }
-        }
+        self.record(
+            EventKind::ExchangeImport,
+            Outcome::MinorFailure,
+            &format!("org:{}", entry.sender),
+            format!("bundle {id} queued for reconciliation: {reason}"),
+            Some(&kept.manifest.patient.id),
+            kept.manifest.studies.first().map(|s| s.study_uid.as_str()),
+        )
+        .await;
+        Ok(ReceiveReport {
+            bundle_id: id.clone(),
+            sender: entry.sender.clone(),
+            result: Received::Queued { reason },
+        })
     }
 
     /// Downloads, authenticates and assembles every chunk; writes each verified instance to
     /// `work/{n}.dcm`.
-    async fn download(
+    async fn download_to(
         &self,
         id: &str,
         opener: &Opener,
@@ -350,27 +384,9 @@ impl ExchangeNode {
     ) -> anyhow::Result<()> {
         let _ = tokio::fs::remove_dir_all(work).await;
         create_private_dir(work)?;
-        let mut assembler = opener.assembler(manifest)?;
+        let mut chunks = Chunks::new(self, id, opener, manifest)?;
         let mut file: Option<tokio::fs::File> = None;
-        // Chunks are fetched DOWNLOADS_AHEAD at a time and assembled in order.
-        let (client, bundle) = (self.client.clone(), id.to_owned());
-        let mut fetches = futures::stream::iter(0..manifest.total_chunks)
-            .map(move |index| {
-                let (client, id) = (client.clone(), bundle.clone());
-                async move { (index, client.get_chunk(&id, index).await) }
-            })
-            .buffered(DOWNLOADS_AHEAD);
-        while let Some((index, bytes)) = fetches.next().await {
-            let bytes = bytes?;
-            let opened = match assembler.push(index, &bytes) {
-                Ok(o) => o,
-                Err(ExchangeError::Tampered { .. }) => {
-                    // One more download, in case the copy was damaged in transit.
-                    let again = self.client.get_chunk(id, index).await?;
-                    assembler.push(index, &again)?
-                }
-                Err(e) => return Err(e.into()),
-            };
+        while let Some(opened) = chunks.next().await? {
             for piece in &opened.pieces {
                 if piece.starts {
                     let path = work.join(format!("{}.dcm", piece.instance));
@@ -385,91 +401,215 @@ impl ExchangeNode {
                     .ok_or_else(|| anyhow!("instance piece without a start"))?;
                 f.write_all(opened.bytes(piece)).await?;
                 if piece.completes {
-                    // Not synced here: an imported instance is made durable by ingest, and a
-                    // bundle that waits for reconciliation is synced as a whole (sync_all).
+                    // Not synced here: the bundle is synced as a whole when it is queued
+                    // (sync_all), and an imported instance is made durable by ingest.
                     f.flush().await?;
                     file = None;
                 }
             }
         }
-        assembler.finish()?;
-        Ok(())
+        chunks.finish()
     }
 
-    /// Imports a verified, reconciled bundle and delivers the receipt.
+    /// Downloads, authenticates and assembles every chunk, and stages each instance as soon
+    /// as its SHA-256 verified: coerced to `local` and stored through ingest, but not indexed
+    /// (see [`kade_ingest::Ingest::stage`]), so a bundle that fails later leaves nothing
+    /// visible: its staged instances are discarded. Answers one entry per instance, in
+    /// manifest order.
+    async fn download_staged(
+        &self,
+        id: &str,
+        opener: &Opener,
+        manifest: &Manifest,
+        local: &LocalPatient,
+    ) -> anyhow::Result<Vec<Pending>> {
+        let job = StageJob {
+            node: self.clone(),
+            local: local.clone(),
+            sender: manifest.sender.clone(),
+            at: dicom_now(),
+        };
+        let mut jobs = tokio::task::JoinSet::new();
+        let mut done: Vec<Option<Pending>> = Vec::new();
+        done.resize_with(manifest.instances.len(), || None);
+        let result: anyhow::Result<()> = async {
+            let mut chunks = Chunks::new(self, id, opener, manifest)?;
+            let mut current: Vec<u8> = Vec::new();
+            while let Some(opened) = chunks.next().await? {
+                for piece in &opened.pieces {
+                    if piece.starts {
+                        let size = manifest.instances[piece.instance].size;
+                        current = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+                    }
+                    current.extend_from_slice(opened.bytes(piece));
+                    if piece.completes {
+                        while jobs.len() >= STAGES_IN_FLIGHT {
+                            let (n, p) = joined(jobs.join_next().await)?;
+                            done[n] = Some(p);
+                        }
+                        let (job, n) = (job.clone(), piece.instance);
+                        let inst = manifest.instances[n].clone();
+                        let bytes = std::mem::take(&mut current);
+                        jobs.spawn(async move { (n, job.stage(bytes, &inst).await) });
+                    }
+                }
+            }
+            chunks.finish()
+        }
+        .await;
+        // Every started job runs to its end, so that nothing is written after a discard.
+        while let Some(j) = jobs.join_next().await {
+            match joined(Some(j)) {
+                Ok((n, p)) => done[n] = Some(p),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "staging task failed"),
+            }
+        }
+        let result = result.and_then(|()| match done.iter().position(Option::is_none) {
+            None => Ok(()),
+            Some(n) => Err(anyhow!("instance {n} of bundle {id} was not staged")),
+        });
+        if let Err(e) = result {
+            for p in done.into_iter().flatten() {
+                if let Pending::Staged(s) = p {
+                    self.ingest.discard(s).await;
+                }
+            }
+            return Err(e);
+        }
+        Ok(done.into_iter().flatten().collect())
+    }
+
+    /// Indexes the staged instances of a verified bundle; the outcome of each instance, in
+    /// manifest order.
+    async fn commit(
+        &self,
+        pending: Vec<Pending>,
+        manifest: &Manifest,
+    ) -> anyhow::Result<Vec<OutcomeEntry>> {
+        let source = Source {
+            actor: format!("org:{}", manifest.sender),
+            ae_title: None,
+            address: None,
+        };
+        let mut staged = Vec::new();
+        let mut outcomes: Vec<Option<InstanceOutcome>> = Vec::with_capacity(pending.len());
+        for p in pending {
+            match p {
+                Pending::Staged(s) => {
+                    staged.push(s);
+                    outcomes.push(None);
+                }
+                Pending::Done(o) => outcomes.push(Some(o)),
+            }
+        }
+        let mut committed = self
+            .ingest
+            .commit_staged(staged, &source)
+            .await
+            .context("cannot make the staged instances durable")?
+            .into_iter();
+        let mut out = Vec::with_capacity(outcomes.len());
+        for (inst, o) in manifest.instances.iter().zip(outcomes) {
+            let outcome = match o {
+                Some(o) => o,
+                None => match committed.next() {
+                    Some(Ok(Stored::New(_) | Stored::Replaced(_))) => InstanceOutcome::Imported,
+                    Some(Ok(Stored::AlreadyPresent(_) | Stored::KeptExisting(_))) => {
+                        InstanceOutcome::AlreadyPresent
+                    }
+                    Some(Err(e)) => InstanceOutcome::Rejected {
+                        reason: e.to_string(),
+                    },
+                    None => InstanceOutcome::Rejected {
+                        reason: "not committed".into(),
+                    },
+                },
+            };
+            if let InstanceOutcome::Rejected { reason } = &outcome {
+                tracing::warn!(sop = %inst.sop_instance_uid, %reason, "instance rejected");
+            }
+            out.push(OutcomeEntry {
+                sop_instance_uid: inst.sop_instance_uid.clone(),
+                outcome,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Imports a verified bundle that waited in the queue (its instances in
+    /// `incoming/{bundle}/`) as `local`, and delivers the receipt.
     async fn import(
         &self,
         id: &str,
+        sender: &str,
         kept: &Kept,
         local: &LocalPatient,
         dir: &Directory,
     ) -> anyhow::Result<Received> {
         let m = &kept.manifest;
         let work = self.incoming(id);
-        let source = Source {
-            actor: format!("org:{}", m.sender),
-            ae_title: None,
-            address: None,
+        let job = StageJob {
+            node: self.clone(),
+            local: local.clone(),
+            sender: m.sender.clone(),
+            at: dicom_now(),
         };
-        let at = dicom_now();
-        let t0 = std::time::Instant::now();
-        let mut outcomes = Vec::with_capacity(m.instances.len());
-        let (mut imported, mut present, mut rejected) = (0, 0, 0);
-        let jobs: Vec<_> = m
-            .instances
-            .iter()
-            .enumerate()
-            .map(|(n, inst)| (work.join(format!("{n}.dcm")), inst.clone()))
-            .collect();
-        let this = self.clone();
-        let (who, sender) = (local.clone(), m.sender.clone());
-        let mut results = futures::stream::iter(jobs)
-            .map(move |(path, inst)| {
-                let (this, local, sender) = (this.clone(), who.clone(), sender.clone());
-                let (at, source) = (at.clone(), source.clone());
+        let pending: Vec<Pending> = futures::stream::iter(m.instances.iter().enumerate())
+            .map(|(n, inst)| {
+                let (job, path) = (job.clone(), work.join(format!("{n}.dcm")));
                 async move {
-                    let o = this
-                        .import_one(&path, &inst, &local, &sender, &at, &source)
-                        .await;
-                    (inst, o)
+                    match tokio::fs::read(&path).await {
+                        Ok(bytes) => job.stage(bytes, inst).await,
+                        Err(e) => Pending::Done(InstanceOutcome::Rejected {
+                            reason: format!("cannot read the received instance: {e}"),
+                        }),
+                    }
                 }
             })
-            .buffered(IMPORTS_IN_FLIGHT);
-        while let Some((inst, outcome)) = results.next().await {
-            match &outcome {
+            .buffered(STAGES_IN_FLIGHT)
+            .collect()
+            .await;
+        let outcomes = self.commit(pending, m).await?;
+        self.imported(id, sender, kept, local, dir, outcomes).await
+    }
+
+    /// Records an imported bundle, audits it, removes its files and delivers the receipt.
+    async fn imported(
+        &self,
+        id: &str,
+        sender: &str,
+        kept: &Kept,
+        local: &LocalPatient,
+        dir: &Directory,
+        outcomes: Vec<OutcomeEntry>,
+    ) -> anyhow::Result<Received> {
+        let m = &kept.manifest;
+        let (mut imported, mut present, mut rejected) = (0, 0, 0);
+        for o in &outcomes {
+            match o.outcome {
                 InstanceOutcome::Imported => imported += 1,
                 InstanceOutcome::AlreadyPresent => present += 1,
-                InstanceOutcome::Rejected { reason } => {
-                    rejected += 1;
-                    tracing::warn!(bundle = %id, sop = %inst.sop_instance_uid, %reason, "instance rejected");
-                }
+                InstanceOutcome::Rejected { .. } => rejected += 1,
             }
-            outcomes.push(OutcomeEntry {
-                sop_instance_uid: inst.sop_instance_uid.clone(),
-                outcome,
-            });
         }
-        tracing::info!(bundle = %id, secs = t0.elapsed().as_secs_f64(), imported, "bundle imported");
         let mut sha = [0u8; 32];
         hex::decode_to_slice(&kept.manifest_sha256, &mut sha)?;
-        let receipt = Receipt {
-            bundle_id: m.bundle_id,
-            manifest_sha256: sha,
-            sender: m.sender.clone(),
-            recipient: self.keys.org_id().to_owned(),
-            refused: None,
-            outcomes: outcomes.clone(),
-            at: now(),
-        };
+        let t = now() as i64;
         sqlx::query(
-            "UPDATE exchange_inbox SET state = 'imported', reason = NULL, local_patient_id = $1, \
-             local_issuer = $2, outcome_json = $3, updated_at = $4 WHERE bundle_id = $5",
+            "INSERT INTO exchange_inbox (bundle_id, sender, state, reason, manifest_json, \
+             local_patient_id, local_issuer, outcome_json, received_at, updated_at) \
+             VALUES ($1, $2, 'imported', NULL, $3, $4, $5, $6, $7, $7) \
+             ON CONFLICT (bundle_id) DO UPDATE SET state = 'imported', reason = NULL, \
+             local_patient_id = excluded.local_patient_id, local_issuer = excluded.local_issuer, \
+             outcome_json = excluded.outcome_json, updated_at = excluded.updated_at",
         )
+        .bind(id)
+        .bind(sender)
+        .bind(serde_json::to_string(kept)?)
         .bind(&local.patient_id)
         .bind(&local.issuer)
         .bind(serde_json::to_string(&outcomes)?)
-        .bind(now() as i64)
-        .bind(id)
+        .bind(t)
         .execute(&mut *self.index.acquire_write().await?)
         .await?;
         self.record(
@@ -488,7 +628,16 @@ impl ExchangeNode {
             m.studies.first().map(|s| s.study_uid.as_str()),
         )
         .await;
-        let _ = tokio::fs::remove_dir_all(&work).await;
+        let _ = tokio::fs::remove_dir_all(self.incoming(id)).await;
+        let receipt = Receipt {
+            bundle_id: m.bundle_id,
+            manifest_sha256: sha,
+            sender: m.sender.clone(),
+            recipient: self.keys.org_id().to_owned(),
+            refused: None,
+            outcomes,
+            at: now(),
+        };
         if let Err(e) = self.deliver_receipt(receipt, dir).await {
             tracing::warn!(bundle = %id, error = %format!("{e:#}"), "cannot deliver the receipt; the sender will see the bundle as delivered");
         }
@@ -498,68 +647,6 @@ impl ExchangeNode {
             already_present: present,
             rejected,
         })
-    }
-
-    async fn import_one(
-        &self,
-        path: &Path,
-        inst: &crate::bundle::Instance,
-        local: &LocalPatient,
-        sender: &str,
-        at: &str,
-        source: &Source,
-    ) -> InstanceOutcome {
-        let rejected = |reason: String| InstanceOutcome::Rejected { reason };
-        match self.index.instance(&inst.sop_instance_uid).await {
-            Ok(Some(_)) => return InstanceOutcome::AlreadyPresent,
-            Ok(None) => {}
-            Err(e) => return rejected(format!("index error: {e}")),
-        }
-        let bytes = match tokio::fs::read(path).await {
-            Ok(b) => b,
-            Err(e) => return rejected(format!("cannot read the received instance: {e}")),
-        };
-        let (local, sender, at) = (local.clone(), sender.to_owned(), at.to_owned());
-        let coerced =
-            tokio::task::spawn_blocking(move || reconcile::coerce(&bytes, &local, &sender, &at))
-                .await;
-        let c = match coerced {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return rejected(format!("not valid DICOM: {e:#}")),
-            Err(e) => return rejected(format!("coercion failed: {e}")),
-        };
-        if c.sop_instance_uid != inst.sop_instance_uid {
-            return rejected("the SOP Instance UID differs from the manifest's".into());
-        }
-        let ids = (
-            Uid::new(&c.sop_class_uid),
-            Uid::new(&c.sop_instance_uid),
-            Uid::new(&c.transfer_syntax),
-            Uid::new(&inst.study_uid),
-        );
-        let (Ok(sop_class_uid), Ok(sop_instance_uid), Ok(transfer_syntax), Ok(study)) = ids else {
-            return rejected("a UID in the File Meta group is malformed".into());
-        };
-        let expected = Expected {
-            sop_class_uid,
-            sop_instance_uid,
-            transfer_syntax,
-            study_uid: Some(study),
-        };
-        let mut incoming = match self.ingest.begin_dataset(expected).await {
-            Ok(i) => i,
-            Err(e) => return rejected(e.to_string()),
-        };
-        if let Err(e) = incoming.write(&c.dataset).await {
-            return rejected(e.to_string());
-        }
-        match self.ingest.finish(incoming, source).await {
-            Ok(Stored::New(_) | Stored::Replaced(_)) => InstanceOutcome::Imported,
-            Ok(Stored::AlreadyPresent(_) | Stored::KeptExisting(_)) => {
-                InstanceOutcome::AlreadyPresent
-            }
-            Err(e) => rejected(e.to_string()),
-        }
     }
 
     /// The received bundles, newest first.
@@ -607,15 +694,15 @@ impl ExchangeNode {
         issuer: Option<&str>,
         user: &str,
     ) -> anyhow::Result<Received> {
-        let row =
-            sqlx::query("SELECT state, manifest_json FROM exchange_inbox WHERE bundle_id = $1")
-                .bind(id)
-                .fetch_optional(self.index.read_pool())
-                .await?
-                .ok_or_else(|| {
-                    anyhow!("no received bundle {id}; list them with `kade exchange inbox`")
-                })?;
-        let (state, json): (String, Option<String>) = (row.try_get(0)?, row.try_get(1)?);
+        let row = sqlx::query(
+            "SELECT state, manifest_json, sender FROM exchange_inbox WHERE bundle_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(self.index.read_pool())
+        .await?
+        .ok_or_else(|| anyhow!("no received bundle {id}; list them with `kade exchange inbox`"))?;
+        let (state, json, sender): (String, Option<String>, String) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
         if state != "queued" {
             anyhow::bail!("bundle {id} is {state}, not waiting for reconciliation");
         }
@@ -647,8 +734,180 @@ impl ExchangeNode {
         )
         .await;
         let dir = self.directory().await?;
-        self.import(id, &kept, &local, &dir).await
+        self.import(id, &sender, &kept, &local, &dir).await
     }
+}
+
+/// What became of one instance of a bundle before the bundle is committed.
+#[derive(Debug)]
+enum Pending {
+    /// Stored, not yet indexed.
+    Staged(Staged),
+    /// Nothing to index (already present, or rejected).
+    Done(InstanceOutcome),
+}
+
+/// Stages instances of one bundle for one local patient; cheap to clone into tasks.
+#[derive(Clone)]
+struct StageJob {
+    node: ExchangeNode,
+    local: LocalPatient,
+    sender: String,
+    /// Attribute Modification DateTime of the coercion.
+    at: String,
+}
+
+impl StageJob {
+    /// Coerces a verified instance to the local patient and stages it through ingest.
+    async fn stage(&self, bytes: Vec<u8>, inst: &crate::bundle::Instance) -> Pending {
+        let rejected = |reason: String| Pending::Done(InstanceOutcome::Rejected { reason });
+        let node = &self.node;
+        match node.index.instance(&inst.sop_instance_uid).await {
+            Ok(Some(_)) => return Pending::Done(InstanceOutcome::AlreadyPresent),
+            Ok(None) => {}
+            Err(e) => return rejected(format!("index error: {e}")),
+        }
+        let (local, sender, at) = (self.local.clone(), self.sender.clone(), self.at.clone());
+        let coerced =
+            tokio::task::spawn_blocking(move || reconcile::coerce(&bytes, &local, &sender, &at))
+                .await;
+        let c = match coerced {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return rejected(format!("not valid DICOM: {e:#}")),
+            Err(e) => return rejected(format!("coercion failed: {e}")),
+        };
+        if c.sop_instance_uid != inst.sop_instance_uid {
+            return rejected("the SOP Instance UID differs from the manifest's".into());
+        }
+        let ids = (
+            Uid::new(&c.sop_class_uid),
+            Uid::new(&c.sop_instance_uid),
+            Uid::new(&c.transfer_syntax),
+            Uid::new(&inst.study_uid),
+        );
+        let (Ok(sop_class_uid), Ok(sop_instance_uid), Ok(transfer_syntax), Ok(study)) = ids else {
+            return rejected("a UID in the File Meta group is malformed".into());
+        };
+        let expected = Expected {
+            sop_class_uid,
+            sop_instance_uid,
+            transfer_syntax,
+            study_uid: Some(study),
+        };
+        let source = Source {
+            actor: format!("org:{}", self.sender),
+            ae_title: None,
+            address: None,
+        };
+        let mut incoming = match node.ingest.begin_dataset(expected).await {
+            Ok(i) => i,
+            Err(e) => return rejected(e.to_string()),
+        };
+        if let Err(e) = incoming.write(&c.dataset).await {
+            return rejected(e.to_string());
+        }
+        drop(c);
+        match node.ingest.stage(incoming, &source).await {
+            Ok(Prepared::Staged(s)) => Pending::Staged(s),
+            Ok(Prepared::Done(Stored::New(_) | Stored::Replaced(_))) => {
+                Pending::Done(InstanceOutcome::Imported)
+            }
+            Ok(Prepared::Done(Stored::AlreadyPresent(_) | Stored::KeptExisting(_))) => {
+                Pending::Done(InstanceOutcome::AlreadyPresent)
+            }
+            Err(e) => rejected(e.to_string()),
+        }
+    }
+}
+
+/// A staging task's answer.
+fn joined(
+    r: Option<Result<(usize, Pending), tokio::task::JoinError>>,
+) -> anyhow::Result<(usize, Pending)> {
+    match r {
+        Some(Ok(v)) => Ok(v),
+        Some(Err(e)) => Err(anyhow!("staging task: {e}")),
+        None => Err(anyhow!("no staging task left")),
+    }
+}
+
+/// A bundle's chunks, downloaded [`DOWNLOADS_AHEAD`] at a time, each decrypted on a blocking
+/// thread as it arrives, and placed by the [`ChunkAssembler`] strictly in order. A chunk that
+/// fails authentication is downloaded once more, in case it was damaged in transit.
+struct Chunks<'o> {
+    assembler: ChunkAssembler<'o>,
+    fetches: futures::stream::BoxStream<'static, Fetched>,
+    node: ExchangeNode,
+    id: String,
+    opener: ChunkOpener,
+}
+
+type Fetched = Result<anyhow::Result<crate::Result<DecryptedChunk>>, tokio::task::JoinError>;
+
+impl<'o> Chunks<'o> {
+    fn new(
+        node: &ExchangeNode,
+        id: &str,
+        opener: &'o Opener,
+        manifest: &Manifest,
+    ) -> anyhow::Result<Self> {
+        let assembler = opener.assembler(manifest)?;
+        let (client, bundle, chunk_opener) =
+            (node.client.clone(), id.to_owned(), opener.chunk_opener());
+        let fetches = futures::stream::iter(0..manifest.total_chunks)
+            .map(move |index| {
+                let (client, id, op) = (client.clone(), bundle.clone(), chunk_opener.clone());
+                tokio::spawn(fetch(client, id, op, index))
+            })
+            .buffered(DOWNLOADS_AHEAD)
+            .boxed();
+        Ok(Chunks {
+            assembler,
+            fetches,
+            node: node.clone(),
+            id: id.to_owned(),
+            opener: opener.chunk_opener(),
+        })
+    }
+
+    /// The next chunk, authenticated and placed; `None` after the last.
+    async fn next(&mut self) -> anyhow::Result<Option<OpenedChunk>> {
+        let Some(fetched) = self.fetches.next().await else {
+            return Ok(None);
+        };
+        let chunk = match fetched.map_err(|e| anyhow!("download task: {e}"))?? {
+            Ok(c) => c,
+            Err(ExchangeError::Tampered { chunk }) => {
+                let (client, id, op) = (
+                    self.node.client.clone(),
+                    self.id.clone(),
+                    self.opener.clone(),
+                );
+                fetch(client, id, op, chunk).await??
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(self.assembler.push_decrypted(chunk)?))
+    }
+
+    /// Checks that every chunk arrived and every instance verified.
+    fn finish(self) -> anyhow::Result<()> {
+        Ok(self.assembler.finish()?)
+    }
+}
+
+/// Downloads chunk `index` and decrypts it on a blocking thread.
+async fn fetch(
+    client: MailboxClient,
+    id: String,
+    opener: ChunkOpener,
+    index: u32,
+) -> anyhow::Result<crate::Result<DecryptedChunk>> {
+    let bytes = client.get_chunk(&id, index).await?;
+    let ciphertext = Vec::from(bytes);
+    tokio::task::spawn_blocking(move || opener.open(index, ciphertext))
+        .await
+        .map_err(|e| anyhow!("decryption task: {e}"))
 }
 
 /// Syncs every file of a directory and the directory itself.

@@ -163,9 +163,51 @@ pub async fn local_patient(
 /// written back unchanged; the result is the data set only (no File Meta group), in the
 /// original transfer syntax, plus that transfer syntax and the SOP Class/Instance UIDs.
 ///
+/// Every element that changes comes before Pixel Data (7FE0,0010), so only the data set in
+/// front of it is parsed and written again; Pixel Data and whatever follows it are copied as
+/// they are. Where the structure cannot be scanned (a deflated data set) or there is no
+/// Pixel Data, the whole data set is parsed and written.
+///
 /// # Errors
 /// When the object cannot be parsed or written.
 pub fn coerce(
+    part10: &[u8],
+    local: &LocalPatient,
+    sender_org: &str,
+    at: &str,
+) -> anyhow::Result<Coerced> {
+    match pixel_data_offset(part10) {
+        Some(px) => {
+            let mut c = coerce_whole(&part10[..px], local, sender_org, at)?;
+            c.dataset.extend_from_slice(&part10[px..]);
+            Ok(c)
+        }
+        None => coerce_whole(part10, local, sender_org, at),
+    }
+}
+
+/// Where the top-level Pixel Data element starts, when the data set's structure is sound.
+fn pixel_data_offset(part10: &[u8]) -> Option<usize> {
+    let start = kade_core::part10::data_set_start(part10.get(..kade_core::part10::HEAD)?)?;
+    let meta = dicom_object::meta::FileMetaTable::from_reader(
+        part10.get(128..usize::try_from(start).ok()?)?,
+    )
+    .ok()?;
+    let enc = kade_ingest::scan::Encoding::of_transfer_syntax(
+        meta.transfer_syntax().trim_end_matches('\0'),
+    )?;
+    let px = kade_ingest::scan::check(
+        std::io::Cursor::new(part10),
+        start,
+        part10.len() as u64,
+        enc,
+    )
+    .ok()??;
+    usize::try_from(px.offset).ok()
+}
+
+/// [`coerce`] by parsing and writing all of `part10`.
+fn coerce_whole(
     part10: &[u8],
     local: &LocalPatient,
     sender_org: &str,
@@ -303,4 +345,81 @@ pub fn describe(p: &Patient) -> String {
         },
         p.birth_date.as_deref().unwrap_or("?")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use dicom_object::meta::FileMetaTableBuilder;
+
+    use super::*;
+
+    const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+
+    /// A CT object in `ts` with the identifiers coercion changes, 16-bit pixel data, and an
+    /// element after Pixel Data (Data Set Trailing Padding).
+    fn part10(ts: &str) -> (Vec<u8>, Vec<u8>) {
+        let mut ds = InMemDicomObject::new_empty();
+        let text = |ds: &mut InMemDicomObject, tag, vr, v: &str| {
+            ds.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+        };
+        text(&mut ds, tags::SOP_CLASS_UID, VR::UI, CT);
+        text(&mut ds, tags::SOP_INSTANCE_UID, VR::UI, "1.2.3.4.5");
+        text(&mut ds, tags::ACCESSION_NUMBER, VR::SH, "ACC-9");
+        text(&mut ds, tags::PATIENT_NAME, VR::PN, "Doe^Jane");
+        text(&mut ds, tags::PATIENT_ID, VR::LO, "A-1");
+        text(&mut ds, tags::ISSUER_OF_PATIENT_ID, VR::LO, "HOSPA");
+        text(&mut ds, tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3");
+        text(&mut ds, tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.4");
+        let pixels: Vec<u16> = (0..4096u32).map(|i| (i * 37 % 4001) as u16).collect();
+        ds.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::U16(pixels.iter().copied().collect()),
+        ));
+        ds.put(DataElement::new(
+            tags::DATA_SET_TRAILING_PADDING,
+            VR::OB,
+            PrimitiveValue::from(vec![0u8; 6]),
+        ));
+        let meta = FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid(CT)
+            .media_storage_sop_instance_uid("1.2.3.4.5")
+            .transfer_syntax(ts)
+            .implementation_class_uid("1.2.3.999")
+            .build()
+            .unwrap();
+        let mut out = Vec::new();
+        ds.with_exact_meta(meta).write_all(&mut out).unwrap();
+        let raw: Vec<u8> = pixels.iter().flat_map(|p| p.to_le_bytes()).collect();
+        (out, raw)
+    }
+
+    fn find(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn splicing_writes_what_rewriting_the_whole_data_set_writes() {
+        let local = LocalPatient {
+            patient_id: "B-LOCAL".into(),
+            issuer: "HOSPB".into(),
+        };
+        for ts in ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"] {
+            let (obj, pixels) = part10(ts);
+            assert!(pixel_data_offset(&obj).is_some(), "{ts}: Pixel Data found");
+            let spliced = coerce(&obj, &local, "HOSPA", "20261128120000").unwrap();
+            let whole = coerce_whole(&obj, &local, "HOSPA", "20261128120000").unwrap();
+            assert_eq!(spliced.dataset, whole.dataset, "{ts}");
+            assert_eq!(spliced.transfer_syntax, ts);
+            assert_eq!(spliced.sop_instance_uid, "1.2.3.4.5");
+            assert!(find(&spliced.dataset, &pixels), "{ts}: pixels unchanged");
+            assert!(find(&spliced.dataset, b"B-LOCAL"), "{ts}");
+            // The originals are kept in Original Attributes Sequence, and only there.
+            assert!(find(&spliced.dataset, b"ACC-9") && find(&spliced.dataset, b"A-1"));
+            assert!(find(&spliced.dataset, b"COERCE"));
+        }
+        // Not a Part 10 object: no offset, and coercion says so.
+        assert_eq!(pixel_data_offset(b"not DICOM"), None);
+        assert!(coerce(b"not DICOM", &local, "HOSPA", "20261128120000").is_err());
+    }
 }

@@ -289,7 +289,10 @@ impl ExchangeNode {
         };
         let mut done = 0u32;
         {
-            // Up to UPLOADS_IN_FLIGHT chunks travel at once; memory is that many chunks.
+            // The writer cuts chunks (and checks every instance's SHA-256) on this task; each
+            // chunk is sealed on a blocking thread and uploaded, up to UPLOADS_IN_FLIGHT at
+            // once. Memory is that many chunks, plus the one being cut.
+            let chunk_sealer = sealer.chunk_sealer();
             let mut inflight = FuturesUnordered::new();
             let mut writer = sealer.writer();
             for key in &prepared.blobs {
@@ -300,7 +303,7 @@ impl ExchangeNode {
                     .with_context(|| format!("cannot read stored blob {key}"))?;
                 while let Some(piece) = stream.next().await {
                     let piece = piece.with_context(|| format!("cannot read stored blob {key}"))?;
-                    for chunk in writer.write(&piece)? {
+                    for chunk in writer.cut(&piece)? {
                         while inflight.len() >= UPLOADS_IN_FLIGHT {
                             if let Some(r) = inflight.next().await {
                                 r?;
@@ -308,7 +311,13 @@ impl ExchangeNode {
                                 progress(done, total);
                             }
                         }
-                        inflight.push(up.upload(chunk));
+                        let (sealer, up) = (chunk_sealer.clone(), &up);
+                        inflight.push(async move {
+                            let sealed = tokio::task::spawn_blocking(move || sealer.seal(chunk))
+                                .await
+                                .map_err(|e| anyhow!("sealing task: {e}"))??;
+                            up.upload(sealed).await
+                        });
                     }
                 }
             }
@@ -420,6 +429,7 @@ impl Uploader<'_> {
 
     async fn upload(&self, chunk: SealedChunk) -> anyhow::Result<()> {
         let SealedChunk { index, ciphertext } = chunk;
+        let ciphertext = bytes::Bytes::from(ciphertext);
         let mut delay = std::time::Duration::from_millis(100);
         for attempt in 1..=12 {
             if self.holds(index) {
