@@ -17,8 +17,9 @@ into B, then measures:
   receive  kade exchange receive at B: download, verify, decrypt, check every hash, reconcile
            the patient, coerce the identifiers and import every instance through ingest;
 
-and prints MB/s for each and end to end (payload MB / (send + receive) seconds), with the
-peak RSS of the sending and receiving processes (/usr/bin/time) and of the mailbox (VmHWM).
+and prints MB/s for each and end to end (payload MB / (send + receive) seconds), the CPU
+seconds (user + system) of the node and of the mailbox in each step, and the peak RSS of the
+sending and receiving processes (/usr/bin/time) and of the mailbox (VmHWM).
 It checks that B imported every instance under its own Patient ID.
 
 Environment:
@@ -123,34 +124,42 @@ echo "==> loading A over DIMSE (not timed)"
 "$STORESCU" -aet STORESCU -aec KADE 127.0.0.1 "$A_PORT" "$A_DATA"/*.dcm
 "$STORESCU" -aet STORESCU -aec KADE 127.0.0.1 "$B_PORT" "$B_DATA"/*.dcm
 
+# The mailbox's CPU seconds so far (user + system).
+mb_cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$MB_PID/stat"; }
+MB_CPU0=$(mb_cpu)
 echo "==> send (A)"
-/usr/bin/time -f "%M %e" -o send.time "$KADE" --data-dir HOSPA exchange send --study "$STUDY" \
+/usr/bin/time -f "%M %e %U %S" -o send.time "$KADE" --data-dir HOSPA exchange send --study "$STUDY" \
     --to HOSPB --reason "Benchmark" --user bench --yes --json >send.json
+MB_CPU1=$(mb_cpu)
 echo "==> receive (B)"
-KADE_LOG=kade_exchange=debug /usr/bin/time -f "%M %e" -o receive.time "$KADE" --data-dir HOSPB exchange receive --json \
+KADE_LOG=kade_exchange=debug /usr/bin/time -f "%M %e %U %S" -o receive.time "$KADE" --data-dir HOSPB exchange receive --json \
     >receive.json 2>receive.log
 grep -o 'bundle \(downloaded\|imported\).*' receive.log | sed 's/^/    /' || true
 MB_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$MB_PID/status")
+MB_CPU2=$(mb_cpu)
 
-python3 - "$MB" "$INSTANCES" "$MB_RSS" <<'PY'
+python3 - "$MB" "$INSTANCES" "$MB_RSS" "$MB_CPU0" "$MB_CPU1" "$MB_CPU2" <<'PY'
 import json, sys, platform, os, subprocess
 mb, n, mb_rss = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+mb_cpu = [float(x) for x in sys.argv[4:7]]
 send = json.load(open("send.json"))
 recv = json.load(open("receive.json"))
 assert len(recv) == 1 and recv[0]["result"] == "imported", recv
 assert recv[0]["imported"] == n, recv
 assert recv[0]["patient_id"] == "B-LOCAL", recv
-s_rss, s_t = open("send.time").read().split()[-2:]
-r_rss, r_t = open("receive.time").read().split()[-2:]
+s_rss, s_t, s_u, s_s = open("send.time").read().split()[-4:]
+r_rss, r_t, r_u, r_s = open("receive.time").read().split()[-4:]
 s_t, r_t = float(s_t), float(r_t)
+s_cpu, r_cpu = float(s_u) + float(s_s), float(r_u) + float(r_s)
+mb_send, mb_recv = mb_cpu[1] - mb_cpu[0], mb_cpu[2] - mb_cpu[1]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 print()
 print(f"Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
 print(f"Study: {n} instances, {mb:.0f} MB, {send['total_chunks']} chunks")
 print()
-print("| step | seconds | MB/s | peak RSS (MB) |")
-print("|---|---|---|---|")
-print(f"| send at A (read, seal, upload) | {s_t:.1f} | {mb / s_t:.0f} | {int(s_rss) * 1024 / 1e6:.0f} |")
-print(f"| receive at B (download, verify, reconcile, import) | {r_t:.1f} | {mb / r_t:.0f} | {int(r_rss) * 1024 / 1e6:.0f} |")
-print(f"| end to end | {s_t + r_t:.1f} | {mb / (s_t + r_t):.0f} | mailbox {mb_rss * 1024 / 1e6:.0f} |")
+print("| step | seconds | MB/s | CPU s: node / mailbox | peak RSS (MB) |")
+print("|---|---|---|---|---|")
+print(f"| send at A (read, seal, upload) | {s_t:.1f} | {mb / s_t:.0f} | {s_cpu:.1f} / {mb_send:.1f} | {int(s_rss) * 1024 / 1e6:.0f} |")
+print(f"| receive at B (download, verify, reconcile, import) | {r_t:.1f} | {mb / r_t:.0f} | {r_cpu:.1f} / {mb_recv:.1f} | {int(r_rss) * 1024 / 1e6:.0f} |")
+print(f"| end to end | {s_t + r_t:.1f} | {mb / (s_t + r_t):.0f} | {s_cpu + r_cpu:.1f} / {mb_send + mb_recv:.1f} | mailbox {mb_rss * 1024 / 1e6:.0f} |")
 PY
