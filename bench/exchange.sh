@@ -27,6 +27,7 @@ Environment:
   BENCH_DATA       cache directory of generated data sets        (default /tmp/kade-bench-data)
   BENCH_WORK       parent directory of the three data directories (default /tmp)
   BENCH_KEEP       1 keeps the data directories and logs           (default 0)
+  BENCH_CHUNK_BYTES  plaintext bytes per chunk (exchange.chunk_bytes) (default: Kade's)
   KADE_BIN         kade binary (default: the release build in $CARGO_TARGET_DIR,
                    <repo>/target or ~/.cache/kade-target)
 
@@ -127,8 +128,13 @@ echo "==> loading A over DIMSE (not timed)"
 # The mailbox's CPU seconds so far (user + system).
 mb_cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$MB_PID/stat"; }
 MB_CPU0=$(mb_cpu)
+SEND_CONFIG=()
+if [ -n "${BENCH_CHUNK_BYTES:-}" ]; then
+    printf '[exchange]\nchunk_bytes = %s\n' "$BENCH_CHUNK_BYTES" >send.toml
+    SEND_CONFIG=(--config send.toml)
+fi
 echo "==> send (A)"
-/usr/bin/time -f "%M %e %U %S" -o send.time "$KADE" --data-dir HOSPA exchange send --study "$STUDY" \
+/usr/bin/time -f "%M %e %U %S" -o send.time "$KADE" "${SEND_CONFIG[@]}" --data-dir HOSPA exchange send --study "$STUDY" \
     --to HOSPB --reason "Benchmark" --user bench --yes --json >send.json
 MB_CPU1=$(mb_cpu)
 echo "==> receive (B)"

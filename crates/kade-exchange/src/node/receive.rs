@@ -18,6 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
+use bytes::Bytes;
 use futures::StreamExt;
 use kade_audit::{AuditEvent, EventKind, Outcome};
 use kade_core::Uid;
@@ -28,8 +29,11 @@ use tokio::io::AsyncWriteExt;
 
 /// Chunks downloaded (and decrypted) ahead of the one being assembled.
 const DOWNLOADS_AHEAD: usize = 4;
-/// Instances coerced and staged at once.
-const STAGES_IN_FLIGHT: usize = 4;
+/// Instances coerced and staged at once (each waits for its blob's sync)…
+const STAGES_IN_FLIGHT: usize = 16;
+/// …holding at most this many bytes between them (but always at least one instance); an
+/// instance sliced from its chunk counts as the whole chunk, which it keeps in memory.
+const STAGE_BYTES: usize = 48 * 1024 * 1024;
 
 use super::client::{InboxEntry, MailboxClient, refusal_status};
 use super::reconcile::{self, Decision, LocalPatient};
@@ -435,23 +439,40 @@ impl ExchangeNode {
         let result: anyhow::Result<()> = async {
             let mut chunks = Chunks::new(self, id, opener, manifest)?;
             let mut current: Vec<u8> = Vec::new();
-            while let Some(opened) = chunks.next().await? {
+            let mut staging_bytes = 0usize;
+            while let Some(mut opened) = chunks.next().await? {
+                let plain = Bytes::from(std::mem::take(&mut opened.plaintext));
                 for piece in &opened.pieces {
-                    if piece.starts {
-                        let size = manifest.instances[piece.instance].size;
-                        current = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-                    }
-                    current.extend_from_slice(opened.bytes(piece));
-                    if piece.completes {
-                        while jobs.len() >= STAGES_IN_FLIGHT {
-                            let (n, p) = joined(jobs.join_next().await)?;
-                            done[n] = Some(p);
+                    // An instance within one chunk is a slice of it; one that spans chunks is
+                    // gathered. A slice holds its chunk until staged: count the chunk.
+                    let (bytes, cost) = if piece.starts && piece.completes {
+                        (plain.slice(piece.range.clone()), plain.len())
+                    } else {
+                        if piece.starts {
+                            let size = manifest.instances[piece.instance].size;
+                            current = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
                         }
-                        let (job, n) = (job.clone(), piece.instance);
-                        let inst = manifest.instances[n].clone();
-                        let bytes = std::mem::take(&mut current);
-                        jobs.spawn(async move { (n, job.stage(bytes, &inst).await) });
+                        current.extend_from_slice(&plain[piece.range.clone()]);
+                        if !piece.completes {
+                            continue;
+                        }
+                        let whole = Bytes::from(std::mem::take(&mut current));
+                        let len = whole.len();
+                        (whole, len)
+                    };
+                    // Bounded by count and by bytes: a few large instances or many small
+                    // ones in flight.
+                    while !jobs.is_empty()
+                        && (jobs.len() >= STAGES_IN_FLIGHT || staging_bytes + cost > STAGE_BYTES)
+                    {
+                        let (n, len, p) = joined(jobs.join_next().await)?;
+                        staging_bytes -= len;
+                        done[n] = Some(p);
                     }
+                    staging_bytes += cost;
+                    let (job, n) = (job.clone(), piece.instance);
+                    let inst = manifest.instances[n].clone();
+                    jobs.spawn(async move { (n, cost, job.stage(bytes, &inst).await) });
                 }
             }
             chunks.finish()
@@ -460,7 +481,7 @@ impl ExchangeNode {
         // Every started job runs to its end, so that nothing is written after a discard.
         while let Some(j) = jobs.join_next().await {
             match joined(Some(j)) {
-                Ok((n, p)) => done[n] = Some(p),
+                Ok((n, _, p)) => done[n] = Some(p),
                 Err(e) => tracing::error!(error = %format!("{e:#}"), "staging task failed"),
             }
         }
@@ -559,7 +580,7 @@ impl ExchangeNode {
                 let (job, path) = (job.clone(), work.join(format!("{n}.dcm")));
                 async move {
                     match tokio::fs::read(&path).await {
-                        Ok(bytes) => job.stage(bytes, inst).await,
+                        Ok(bytes) => job.stage(Bytes::from(bytes), inst).await,
                         Err(e) => Pending::Done(InstanceOutcome::Rejected {
                             reason: format!("cannot read the received instance: {e}"),
                         }),
@@ -759,7 +780,7 @@ struct StageJob {
 
 impl StageJob {
     /// Coerces a verified instance to the local patient and stages it through ingest.
-    async fn stage(&self, bytes: Vec<u8>, inst: &crate::bundle::Instance) -> Pending {
+    async fn stage(&self, bytes: Bytes, inst: &crate::bundle::Instance) -> Pending {
         let rejected = |reason: String| Pending::Done(InstanceOutcome::Rejected { reason });
         let node = &self.node;
         match node.index.instance(&inst.sop_instance_uid).await {
@@ -768,8 +789,9 @@ impl StageJob {
             Err(e) => return rejected(format!("index error: {e}")),
         }
         let (local, sender, at) = (self.local.clone(), self.sender.clone(), self.at.clone());
+        let received = bytes.clone();
         let coerced =
-            tokio::task::spawn_blocking(move || reconcile::coerce(&bytes, &local, &sender, &at))
+            tokio::task::spawn_blocking(move || reconcile::coerce(&received, &local, &sender, &at))
                 .await;
         let c = match coerced {
             Ok(Ok(c)) => c,
@@ -803,10 +825,12 @@ impl StageJob {
             Ok(i) => i,
             Err(e) => return rejected(e.to_string()),
         };
-        if let Err(e) = incoming.write(&c.dataset).await {
-            return rejected(e.to_string());
+        for part in c.parts(&bytes) {
+            if let Err(e) = incoming.write(part).await {
+                return rejected(e.to_string());
+            }
         }
-        drop(c);
+        drop((c, bytes));
         match node.ingest.stage(incoming, &source).await {
             Ok(Prepared::Staged(s)) => Pending::Staged(s),
             Ok(Prepared::Done(Stored::New(_) | Stored::Replaced(_))) => {
@@ -820,10 +844,10 @@ impl StageJob {
     }
 }
 
-/// A staging task's answer.
+/// A staging task's answer: the instance, its size, what became of it.
 fn joined(
-    r: Option<Result<(usize, Pending), tokio::task::JoinError>>,
-) -> anyhow::Result<(usize, Pending)> {
+    r: Option<Result<(usize, usize, Pending), tokio::task::JoinError>>,
+) -> anyhow::Result<(usize, usize, Pending)> {
     match r {
         Some(Ok(v)) => Ok(v),
         Some(Err(e)) => Err(anyhow!("staging task: {e}")),

@@ -164,9 +164,11 @@ pub async fn local_patient(
 /// original transfer syntax, plus that transfer syntax and the SOP Class/Instance UIDs.
 ///
 /// Every element that changes comes before Pixel Data (7FE0,0010), so only the data set in
-/// front of it is parsed and written again; Pixel Data and whatever follows it are copied as
-/// they are. Where the structure cannot be scanned (a deflated data set) or there is no
-/// Pixel Data, the whole data set is parsed and written.
+/// front of it is parsed and written again ([`Coerced::head`]); Pixel Data and whatever
+/// follows it stay where they are in `part10`, from [`Coerced::tail_start`], and are taken
+/// unchanged ([`Coerced::parts`]). Where the structure cannot be scanned (a deflated data
+/// set) or there is no Pixel Data, the whole data set is parsed and written, and the tail is
+/// empty.
 ///
 /// # Errors
 /// When the object cannot be parsed or written.
@@ -179,10 +181,14 @@ pub fn coerce(
     match pixel_data_offset(part10) {
         Some(px) => {
             let mut c = coerce_whole(&part10[..px], local, sender_org, at)?;
-            c.dataset.extend_from_slice(&part10[px..]);
+            c.tail_start = px;
             Ok(c)
         }
-        None => coerce_whole(part10, local, sender_org, at),
+        None => {
+            let mut c = coerce_whole(part10, local, sender_org, at)?;
+            c.tail_start = part10.len();
+            Ok(c)
+        }
     }
 }
 
@@ -313,24 +319,38 @@ fn coerce_whole(
     ds.write_dataset_with_ts(&mut out, syntax)
         .map_err(|e| anyhow::anyhow!("cannot write the coerced data set: {e}"))?;
     Ok(Coerced {
-        dataset: out,
+        head: out,
+        tail_start: part10.len(),
         transfer_syntax: ts,
         sop_class_uid: sop_class,
         sop_instance_uid: sop_instance,
     })
 }
 
-/// A coerced instance, ready for ingest.
+/// A coerced instance, ready for ingest: its data set (no File Meta group) is [`head`]
+/// followed by the received object's bytes from [`tail_start`] on ([`Coerced::parts`]).
+///
+/// [`head`]: Coerced::head
+/// [`tail_start`]: Coerced::tail_start
 #[derive(Debug)]
 pub struct Coerced {
-    /// The data set (no File Meta group).
-    pub dataset: Vec<u8>,
+    /// The rewritten data set up to the unchanged tail.
+    pub head: Vec<u8>,
+    /// Where the unchanged tail (Pixel Data and what follows) starts in the received object.
+    pub tail_start: usize,
     /// Its transfer syntax.
     pub transfer_syntax: String,
     /// SOP Class UID.
     pub sop_class_uid: String,
     /// SOP Instance UID.
     pub sop_instance_uid: String,
+}
+
+impl Coerced {
+    /// The coerced data set's bytes in order, given the received object it came from.
+    pub fn parts<'a>(&'a self, part10: &'a [u8]) -> [&'a [u8]; 2] {
+        [&self.head, &part10[self.tail_start..]]
+    }
 }
 
 /// Patient data of a manifest for display (`kade exchange inbox`).
@@ -407,16 +427,23 @@ mod tests {
         for ts in ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"] {
             let (obj, pixels) = part10(ts);
             assert!(pixel_data_offset(&obj).is_some(), "{ts}: Pixel Data found");
-            let spliced = coerce(&obj, &local, "HOSPA", "20261128120000").unwrap();
+            let c = coerce(&obj, &local, "HOSPA", "20261128120000").unwrap();
+            assert!(
+                c.tail_start < obj.len() && c.head.len() < 1024,
+                "{ts}: spliced"
+            );
+            let spliced = c.parts(&obj).concat();
             let whole = coerce_whole(&obj, &local, "HOSPA", "20261128120000").unwrap();
-            assert_eq!(spliced.dataset, whole.dataset, "{ts}");
-            assert_eq!(spliced.transfer_syntax, ts);
-            assert_eq!(spliced.sop_instance_uid, "1.2.3.4.5");
-            assert!(find(&spliced.dataset, &pixels), "{ts}: pixels unchanged");
-            assert!(find(&spliced.dataset, b"B-LOCAL"), "{ts}");
-            // The originals are kept in Original Attributes Sequence, and only there.
-            assert!(find(&spliced.dataset, b"ACC-9") && find(&spliced.dataset, b"A-1"));
-            assert!(find(&spliced.dataset, b"COERCE"));
+            assert_eq!(whole.tail_start, obj.len());
+            assert_eq!(whole.parts(&obj)[1], b"");
+            assert_eq!(spliced, whole.head, "{ts}");
+            assert_eq!(c.transfer_syntax, ts);
+            assert_eq!(c.sop_instance_uid, "1.2.3.4.5");
+            assert!(find(&spliced, &pixels), "{ts}: pixels unchanged");
+            assert!(find(&spliced, b"B-LOCAL"), "{ts}");
+            // The originals are kept in Original Attributes Sequence.
+            assert!(find(&spliced, b"ACC-9") && find(&spliced, b"A-1"));
+            assert!(find(&spliced, b"COERCE"));
         }
         // Not a Part 10 object: no offset, and coercion says so.
         assert_eq!(pixel_data_offset(b"not DICOM"), None);

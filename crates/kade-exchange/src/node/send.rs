@@ -295,12 +295,21 @@ impl ExchangeNode {
             let chunk_sealer = sealer.chunk_sealer();
             let mut inflight = FuturesUnordered::new();
             let mut writer = sealer.writer();
-            for key in &prepared.blobs {
-                let mut stream = self
-                    .store
-                    .get_stream(key)
-                    .await
-                    .with_context(|| format!("cannot read stored blob {key}"))?;
+            // A blob's stream has read its first piece when it is handed out, so asking for
+            // the next ones early reads them while this one is hashed.
+            let store = self.store.clone();
+            let mut blobs = futures::stream::iter(prepared.blobs.clone())
+                .map(move |key| {
+                    let store = store.clone();
+                    async move {
+                        let stream = store.get_stream(&key).await;
+                        (key, stream)
+                    }
+                })
+                .buffered(READS_AHEAD);
+            while let Some((key, stream)) = blobs.next().await {
+                let mut stream =
+                    stream.with_context(|| format!("cannot read stored blob {key}"))?;
                 while let Some(piece) = stream.next().await {
                     let piece = piece.with_context(|| format!("cannot read stored blob {key}"))?;
                     for chunk in writer.cut(&piece)? {
@@ -408,6 +417,8 @@ impl ExchangeNode {
 
 /// Chunks uploaded concurrently by one send.
 const UPLOADS_IN_FLIGHT: usize = 4;
+/// Blobs opened (and their first piece read) ahead of the one being cut into chunks.
+const READS_AHEAD: usize = 4;
 
 /// Uploads chunks, skipping those the mailbox holds; on a transient failure it asks the
 /// mailbox what it holds and sends only what is missing.
