@@ -19,9 +19,8 @@
 //! # Primitives
 //! Ed25519 (`ed25519-dalek`, strict verification) for signatures; HPKE (RFC 9180, `hpke`)
 //! with DHKEM(X25519, HKDF-SHA256), HKDF-SHA256 and ChaCha20-Poly1305 in mode Base to wrap
-//! each bundle's content key for its recipient; ChaCha20-Poly1305 (RFC 8439, `ring`'s
-//! implementation, the same bytes as `chacha20poly1305`'s) for the manifest and the chunks;
-//! SHA-256 for instance and transcript hashes.
+//! each bundle's content key for its recipient; AES-256-GCM (`ring`) for the manifest and
+//! the chunks; SHA-256 for instance and transcript hashes.
 
 #![warn(missing_docs)]
 

@@ -7,7 +7,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use sha2::{Digest, Sha256};
 
 use super::BundleId;
@@ -44,9 +44,12 @@ pub fn chunk_aad(id: &BundleId, index: u32, total: u32) -> [u8; 25] {
     a
 }
 
-/// ChaCha20-Poly1305 (RFC 8439) under a bundle's content key, for the manifest and the
-/// chunks. ring's implementation: on this workload it runs at about twice the speed of the
-/// portable one, and the bytes are the same (unit test `same_bytes_as_the_rustcrypto_aead`).
+/// AES-256-GCM (NIST SP 800-38D, 96-bit nonces, 128-bit tags) under a bundle's content key,
+/// for the manifest and the chunks, in ring's implementation. Format 1 used
+/// ChaCha20-Poly1305; on CPUs with AES instructions, which every server of the last decade
+/// has, AES-256-GCM runs at about three times its speed (5.6 against 1.9 GB/s on the
+/// benchmark machine, one core), and the payload is encrypted and decrypted once per
+/// exchange. The unit test `known_answers` checks the bytes against another implementation's.
 /// Cheap to clone and shareable between threads, so chunks are sealed and opened in
 /// parallel. The caller's copy of the key bytes is wiped (`Zeroizing`); ring does not wipe
 /// its expanded key state when it is dropped.
@@ -55,7 +58,7 @@ pub(crate) struct ContentCipher(Arc<LessSafeKey>);
 
 impl ContentCipher {
     pub(crate) fn new(key: &[u8; 32]) -> Self {
-        let key = UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte key");
+        let key = UnboundKey::new(&AES_256_GCM, key).expect("a 32-byte key");
         ContentCipher(Arc::new(LessSafeKey::new(key)))
     }
 
@@ -325,42 +328,40 @@ mod tests {
         assert!(opened(&c, &id, 1, 3, &flipped).is_err(), "a bit flip fails");
     }
 
-    /// The wire format is RFC 8439 ChaCha20-Poly1305 as the bundle docs define it: ring's
-    /// output is byte for byte the portable implementation's (RustCrypto, which the HPKE
-    /// crate also uses), for the manifest and for chunks, and each opens the other's.
+    /// The wire format is AES-256-GCM with the nonces and AADs the bundle docs define: the
+    /// expected bytes were computed with another implementation (Python's `cryptography`,
+    /// on OpenSSL) for key 0x42 × 32, bundle id 0x07 × 16, and a 100-byte plaintext.
     #[test]
-    fn same_bytes_as_the_rustcrypto_aead() {
-        use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
-        let key = [0x42u8; 32];
-        let ours = ContentCipher::new(&key);
-        let theirs = chacha20poly1305::ChaCha20Poly1305::new(&key.into());
+    fn known_answers() {
+        let ours = ContentCipher::new(&[0x42u8; 32]);
         let id = BundleId::from_bytes([7; 16]);
-        let pt: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
-        for (index, total) in [(0, 1), (0, 3), (2, 3)] {
-            let aad = chunk_aad(&id, index, total);
-            let want = theirs
-                .encrypt(
-                    &nonce_bytes(PURPOSE_CHUNK, u64::from(index)).into(),
-                    Payload {
-                        msg: &pt,
-                        aad: &aad,
-                    },
-                )
-                .unwrap();
-            assert_eq!(sealed(&ours, &id, index, total, &pt), want);
-            assert_eq!(opened(&ours, &id, index, total, &want).unwrap(), pt);
+        let pt: Vec<u8> = (0..100u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let want = [
+            (
+                0,
+                1,
+                "8b4135767561df01f1ccd79698a761ddd197e1ca357f98d53ce9d212973a869266cd3053fc75bf25\
+                 4a19ea485b4bb108d32ab6126b924d80182faf48748131c6eb0e93fc2fb94a22b3f7bbc83ea90eb5\
+                 fa84bdb1d89013a1048a5cc894d7a88fdd1d3966653a055fd587138759a9f383e46d5235",
+            ),
+            (
+                2,
+                3,
+                "0085c429634b2e0d9a82d90853bb3db41c8fc098769504b3e0971e71cd747a8fefa62ae688d07592\
+                 640ee0d910f890e95999e08616d3cc218c71dae968a9a0e584ac23d52731809fcc21a978fae869b1\
+                 f58441dda1d191b95bed263e0f2ec6754299a4af4cef3e1b6534a12118be2621ef4398e0",
+            ),
+        ];
+        for (index, total, hex) in want {
+            let ct = sealed(&ours, &id, index, total, &pt);
+            assert_eq!(hex::encode(&ct), hex, "chunk {index} of {total}");
+            assert_eq!(opened(&ours, &id, index, total, &ct).unwrap(), pt);
         }
         let m = seal_manifest(&ours, &id, b"{\"a\":1}").unwrap();
-        let want = theirs
-            .encrypt(
-                &nonce_bytes(PURPOSE_MANIFEST, 0).into(),
-                Payload {
-                    msg: b"{\"a\":1}",
-                    aad: &manifest_aad(&id),
-                },
-            )
-            .unwrap();
-        assert_eq!(m, want);
+        assert_eq!(
+            hex::encode(&m),
+            "8f909edb66bdf89a2f35b23909dcd8b3a239cbb079280a"
+        );
         assert_eq!(open_manifest(&ours, &id, &m).unwrap(), b"{\"a\":1}");
     }
 

@@ -35,7 +35,8 @@
 //!   empty AAD;
 //! - `wrapped_key` = `enc (32) ‖ ciphertext (32 + 16)`, 80 bytes.
 //!
-//! The manifest JSON and the chunks are sealed with ChaCha20-Poly1305 under the content key:
+//! The manifest JSON and the chunks are sealed with AES-256-GCM (96-bit nonce, 128-bit tag)
+//! under the content key (format 1 used ChaCha20-Poly1305; see `ContentCipher` for why):
 //! - nonce = `purpose (u32 BE) ‖ counter (u64 BE)`: purpose 0, counter 0 for the manifest;
 //!   purpose 1, counter = chunk index for chunk *i*;
 //! - manifest AAD = `bundle_id (16) ‖ "manifest"`;
@@ -101,7 +102,7 @@ pub use seal::{ChunkSealer, ChunkWriter, PlainChunk, SealOptions, Sealer};
 use crate::{ExchangeError, Result};
 
 /// Bundle format version written into every header.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Default plaintext bytes per chunk: 4 MiB.
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// Smallest chunk size accepted.

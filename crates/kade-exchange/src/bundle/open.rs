@@ -486,7 +486,7 @@ mod tests {
         ));
 
         let mut h = s.header().clone();
-        h.version = 2;
+        h.version = crate::bundle::FORMAT_VERSION + 1;
         assert!(matches!(
             Opener::open(&h, &f.b, &f.dir, NOW),
             Err(ExchangeError::UnsupportedVersion { .. })
