@@ -129,6 +129,12 @@ pub(crate) fn write_local(
     dest: &Path,
     uncached: bool,
 ) -> Result<(), StoreError> {
+    persist_local(write_synced(bytes, spool_dir, uncached)?, root, dest)
+}
+
+/// Writes `bytes` to a new file in `spool_dir` and fsyncs it (blocking); with `uncached`, its
+/// pages then leave the page cache ([`drop_cache`]).
+fn write_synced(bytes: &[u8], spool_dir: &Path, uncached: bool) -> Result<SpooledFile, StoreError> {
     let path = spool_dir.join(temp_name());
     let file = SpooledFile {
         path: path.clone(),
@@ -146,7 +152,7 @@ pub(crate) fn write_local(
     if uncached {
         drop_cache(&f);
     }
-    persist_local(file, root, dest)
+    Ok(file)
 }
 
 /// Writes `bytes` straight to `dest` under `root` and names it in the journal (a hard link at
@@ -226,22 +232,7 @@ pub(crate) fn write_staged(
     root: &Path,
     dest: &Path,
 ) -> Result<Vec<PathBuf>, StoreError> {
-    let path = spool_dir.join(temp_name());
-    let file = SpooledFile {
-        path: path.clone(),
-        len: bytes.len() as u64,
-        keep: false,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| StoreError::io("create", &path, e))?;
-    std::io::Write::write_all(&mut f, bytes).map_err(|e| StoreError::io("write", &path, e))?;
-    f.sync_all()
-        .map_err(|e| StoreError::io("fsync", &path, e))?;
-    drop_cache(&f);
-    persist_staged(file, root, dest)
+    persist_staged(write_synced(bytes, spool_dir, true)?, root, dest)
 }
 
 /// Renames a synced spool file to `dest` under `root` without syncing any directory; returns
