@@ -104,7 +104,8 @@ pub enum Prepared {
 #[derive(Debug)]
 pub struct Staged {
     summary: Summary,
-    rec: commit::Record,
+    /// Boxed: a staged instance waits in memory for its bundle, and a `Prepared` stays small.
+    rec: Box<commit::Record>,
     blob: Blob,
     /// The row it replaces (policy `replace`).
     replacing: Option<write::ExistingInstance>,
@@ -368,7 +369,7 @@ impl Ingest {
         };
         Ok(Prepared::Staged(Staged {
             summary,
-            rec,
+            rec: Box::new(rec),
             blob,
             replacing,
         }))
@@ -397,7 +398,7 @@ impl Ingest {
         let replace = replacing.as_ref().map(|e| e.id);
         match self
             .committer
-            .commit(rec, marker, replace, source, kind)
+            .commit(*rec, marker, replace, source, kind)
             .await
         {
             Ok(InsertOutcome::Inserted { .. }) => {}

@@ -427,12 +427,7 @@ impl ExchangeNode {
         manifest: &Manifest,
         local: &LocalPatient,
     ) -> anyhow::Result<Vec<Pending>> {
-        let job = StageJob {
-            node: self.clone(),
-            local: local.clone(),
-            sender: manifest.sender.clone(),
-            at: dicom_now(),
-        };
+        let job = StageJob::new(self, local, &manifest.sender);
         let mut jobs = tokio::task::JoinSet::new();
         let mut done: Vec<Option<Pending>> = Vec::new();
         done.resize_with(manifest.instances.len(), || None);
@@ -507,11 +502,7 @@ impl ExchangeNode {
         pending: Vec<Pending>,
         manifest: &Manifest,
     ) -> anyhow::Result<Vec<OutcomeEntry>> {
-        let source = Source {
-            actor: format!("org:{}", manifest.sender),
-            ae_title: None,
-            address: None,
-        };
+        let source = org_source(&manifest.sender);
         let mut staged = Vec::new();
         let mut outcomes: Vec<Option<InstanceOutcome>> = Vec::with_capacity(pending.len());
         for p in pending {
@@ -569,12 +560,7 @@ impl ExchangeNode {
     ) -> anyhow::Result<Received> {
         let m = &kept.manifest;
         let work = self.incoming(id);
-        let job = StageJob {
-            node: self.clone(),
-            local: local.clone(),
-            sender: m.sender.clone(),
-            at: dicom_now(),
-        };
+        let job = StageJob::new(self, local, &m.sender);
         let pending: Vec<Pending> = futures::stream::iter(m.instances.iter().enumerate())
             .map(|(n, inst)| {
                 let (job, path) = (job.clone(), work.join(format!("{n}.dcm")));
@@ -779,10 +765,23 @@ struct StageJob {
 }
 
 impl StageJob {
+    /// Instances from `sender` for `local`, coerced now.
+    fn new(node: &ExchangeNode, local: &LocalPatient, sender: &str) -> Self {
+        StageJob {
+            node: node.clone(),
+            local: local.clone(),
+            sender: sender.to_owned(),
+            at: dicom_now(),
+        }
+    }
+
     /// Coerces a verified instance to the local patient and stages it through ingest.
     async fn stage(&self, bytes: Bytes, inst: &crate::bundle::Instance) -> Pending {
         let rejected = |reason: String| Pending::Done(InstanceOutcome::Rejected { reason });
         let node = &self.node;
+        // Asked before coercing, not left to ingest: a bundle received again would be coerced
+        // with another modification time, and ingest would see a different object under a
+        // stored SOP Instance UID instead of one already present.
         match node.index.instance(&inst.sop_instance_uid).await {
             Ok(Some(_)) => return Pending::Done(InstanceOutcome::AlreadyPresent),
             Ok(None) => {}
@@ -816,11 +815,7 @@ impl StageJob {
             transfer_syntax,
             study_uid: Some(study),
         };
-        let source = Source {
-            actor: format!("org:{}", self.sender),
-            ae_title: None,
-            address: None,
-        };
+        let source = org_source(&self.sender);
         let mut incoming = match node.ingest.begin_dataset(expected).await {
             Ok(i) => i,
             Err(e) => return rejected(e.to_string()),
@@ -841,6 +836,15 @@ impl StageJob {
             }
             Err(e) => rejected(e.to_string()),
         }
+    }
+}
+
+/// Who imports a bundle's instances, for ingest and the audit log.
+fn org_source(sender: &str) -> Source {
+    Source {
+        actor: format!("org:{sender}"),
+        ae_title: None,
+        address: None,
     }
 }
 
