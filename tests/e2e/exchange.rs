@@ -255,20 +255,29 @@ async fn a_study_travels_from_a_to_b_and_is_imported_under_bs_local_patient() {
     for backend in backends() {
         let mb = Mailbox::start(&backend).await;
         let a = mb.hospital(&backend, "HOSPA", &mb.url(), 0).await;
-        let b = mb.hospital(&backend, "HOSPB", &mb.url(), 1).await;
+        // B looks at the mailbox by itself only when the mailbox notifies it: its poll_secs
+        // is an hour, and the mailbox holds one wait at most 60 s.
+        let b = mb.hospital(&backend, "HOSPB", &mb.url(), 3600).await;
         // B knows the patient under its own ID, with the BSN among the other IDs.
         store(&b, &spec("MRN-B-1", Some("HOSPB"), Some(BSN), "19700101"));
         let sent_spec = spec("A-123", Some("HOSPA"), Some(BSN), "19700101");
         let files = store(&a, &sent_spec);
         let sent = send(&a, &sent_spec.study_uid, "HOSPB", &[]);
+        let sealed = Instant::now();
         let id = sent["bundle_id"].as_str().unwrap().to_owned();
         assert!(sent["total_chunks"].as_u64().unwrap() > 1, "{sent}");
 
-        // B's running node fetches, verifies and imports it by itself.
+        // B's running node fetches, verifies and imports it by itself, on the notification:
+        // well before its wait at the mailbox could have run out.
         wait_for("B to import", || {
             inbox_state(&b, &id).is_some_and(|r| r["state"] == "imported")
         })
         .await;
+        assert!(
+            sealed.elapsed() < Duration::from_secs(25),
+            "B imported {:?} after the seal: not on the mailbox's notification",
+            sealed.elapsed()
+        );
         let row = inbox_state(&b, &id).unwrap();
         assert_eq!(row["local_patient_id"], "MRN-B-1", "{row}");
         let index = b.index().await;

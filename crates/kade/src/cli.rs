@@ -155,7 +155,7 @@ pub enum ExchangeCommand {
         expires_in: Option<String>,
     },
     /// Fetch, verify, decrypt, reconcile and import what waits at the mailbox (kade serve does
-    /// this every exchange.poll_secs).
+    /// this by itself as soon as the mailbox notifies it of a sealed bundle).
     #[command(
         after_help = "Exit status is 1 when a bundle was refused.\n\nExamples:\n  kade exchange receive\n  kade exchange receive --json"
     )]

@@ -53,9 +53,11 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExchangeConfig {
-    /// Seconds between two looks at the mailbox inbox while `kade serve` runs; 0 turns
-    /// automatic receiving off (`kade exchange receive` still works). Default 30.
-    /// Env `KADE_EXCHANGE_POLL_SECS`.
+    /// While `kade serve` runs it receives by itself: it asks the mailbox to notify it of the
+    /// next sealed bundle, waiting up to this many seconds per request (the mailbox holds a
+    /// request at most 60 s), so a bundle is fetched moments after its seal; a mailbox that
+    /// does not notify is asked again every this many seconds. 0 turns automatic receiving
+    /// off (`kade exchange receive` still works). Default 30. Env `KADE_EXCHANGE_POLL_SECS`.
     #[serde(default = "default_poll_secs")]
     pub poll_secs: u64,
     /// Plaintext bytes per encrypted chunk, 1 KiB to 64 MiB. Default 4 MiB.

@@ -669,7 +669,21 @@ pub fn spawn_poller(cfg: &Config, node: &Node) -> anyhow::Result<bool> {
     )?;
     let every = Duration::from_secs(cfg.exchange.poll_secs);
     tokio::spawn(async move {
+        // The inbox generation last seen: the mailbox holds the next look open until a
+        // bundle is sealed after it, so a bundle is fetched moments after its seal.
+        let mut seen = None;
         loop {
+            let notified = match x.wait_for_bundles(seen, every).await {
+                Ok(g) => {
+                    seen = g;
+                    g.is_some()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "exchange: cannot reach the mailbox; retrying");
+                    tokio::time::sleep(every).await;
+                    continue;
+                }
+            };
             match x.receive_all().await {
                 Ok(reports) => {
                     for r in reports {
@@ -677,10 +691,17 @@ pub fn spawn_poller(cfg: &Config, node: &Node) -> anyhow::Result<bool> {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "exchange: cannot poll the mailbox; retrying")
+                    tracing::warn!(error = %format!("{e:#}"), "exchange: cannot receive from the mailbox; retrying");
+                    // Look again after the pause even if nothing new is sealed meanwhile.
+                    seen = None;
+                    tokio::time::sleep(every).await;
+                    continue;
                 }
             }
-            tokio::time::sleep(every).await;
+            if !notified {
+                // A mailbox that does not notify: look again every poll_secs.
+                tokio::time::sleep(every).await;
+            }
         }
     });
     Ok(true)

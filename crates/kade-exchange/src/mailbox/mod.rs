@@ -16,7 +16,7 @@
 //! | `PUT /v1/bundles/{id}/chunks/{i}` | sender | one ciphertext chunk (`application/octet-stream`); the same bytes again succeed, different bytes are 409 |
 //! | `POST /v1/bundles/{id}/seal` | sender | seal once every chunk is present (409 lists the missing ones); only then does the recipient see it |
 //! | `DELETE /v1/bundles/{id}` | sender | recall a bundle not yet fetched: ciphertext deleted, the recipient gets 410 |
-//! | `GET /v1/inbox` | recipient | sealed bundles waiting |
+//! | `GET /v1/inbox[?wait=SECS&seen=G]` | recipient | sealed bundles waiting; with `wait` and `seen`, held open (up to 60 s) until a bundle is sealed after generation `G` (header `kade-inbox-generation`) |
 //! | `GET /v1/bundles/{id}/chunks/{i}` | recipient | one ciphertext chunk of a sealed bundle |
 //! | `POST /v1/bundles/{id}/receipt` | recipient | the sealed, signed receipt (octet-stream) |
 //! | `GET /v1/outbox` | sender | the sender's bundles, states and sealed receipts |
@@ -37,4 +37,7 @@
 mod server;
 
 pub(crate) use server::unix_now;
-pub use server::{Mailbox, MailboxOptions, PeerCertificate, organisation_of, router};
+pub use server::{
+    INBOX_GENERATION_HEADER, MAX_INBOX_WAIT_SECS, Mailbox, MailboxOptions, PeerCertificate,
+    organisation_of, router,
+};

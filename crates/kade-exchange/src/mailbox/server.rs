@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -54,7 +54,16 @@ pub struct Mailbox {
     store: BlobStore,
     audit: Audit,
     options: Arc<MailboxOptions>,
+    /// Counts seals: recipients waiting at `/v1/inbox?wait=…` wake when it moves.
+    sealed: Arc<tokio::sync::watch::Sender<u64>>,
 }
+
+/// The longest a recipient's `/v1/inbox?wait=SECS` is held open, in seconds.
+pub const MAX_INBOX_WAIT_SECS: u64 = 60;
+
+/// The response header carrying the inbox generation: a value that changes whenever a bundle
+/// is sealed. A recipient passes the last one it saw back as `seen`.
+pub const INBOX_GENERATION_HEADER: &str = "kade-inbox-generation";
 
 /// Unix seconds now.
 pub(crate) fn unix_now() -> u64 {
@@ -140,6 +149,14 @@ impl Mailbox {
             store: store.uncached(),
             audit,
             options: Arc::new(options),
+            // Starts at the clock, so that a restarted mailbox's generation differs from the
+            // one its recipients saw before and their first wait returns at once.
+            sealed: Arc::new(tokio::sync::watch::Sender::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0),
+            )),
         }
     }
 
@@ -599,6 +616,7 @@ async fn seal(
         ));
     }
     mb.set_state(&id, &["uploading"], "sealed").await?;
+    mb.sealed.send_modify(|g| *g = g.wrapping_add(1));
     mb.record(
         EventKind::ExchangeTransfer,
         Outcome::Success,
@@ -728,11 +746,36 @@ async fn receipt(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Query of `GET /v1/inbox`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboxQuery {
+    /// Hold the request open up to this many seconds (at most [`MAX_INBOX_WAIT_SECS`]) while
+    /// the inbox generation still equals `seen`.
+    wait: Option<u64>,
+    /// The generation the recipient saw last.
+    seen: Option<u64>,
+}
+
+/// The recipient's sealed and fetched bundles. With `wait` and `seen` it is a notification:
+/// the answer comes as soon as any bundle is sealed after the recipient's last look (or when
+/// the wait runs out), so a running node fetches a bundle moments after its seal without
+/// polling often. The generation goes in the [`INBOX_GENERATION_HEADER`].
 async fn inbox(
     State(mb): State<Mailbox>,
+    Query(q): Query<InboxQuery>,
     ext: axum::http::Extensions,
 ) -> Result<Response, ApiError> {
     let who = caller(&ext);
+    let mut changes = mb.sealed.subscribe();
+    if let (Some(wait), Some(seen)) = (q.wait, q.seen) {
+        if *changes.borrow_and_update() == seen {
+            let wait = std::time::Duration::from_secs(wait.min(MAX_INBOX_WAIT_SECS));
+            // A timeout or a closed channel both end the wait; the list below answers.
+            let _ = tokio::time::timeout(wait, changes.changed()).await;
+        }
+    }
+    let generation = *changes.borrow_and_update();
     let rows = sqlx::query(
         "SELECT bundle_id, sender, total_chunks, payload_size, state FROM mailbox_bundles \
          WHERE recipient = $1 AND state IN ('sealed','fetched') ORDER BY sealed_at, bundle_id",
@@ -750,10 +793,12 @@ async fn inbox(
             "state": r.try_get::<String, _>(4)?,
         }));
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::Value::Array(out),
-    ))
+    let mut resp = json_response(StatusCode::OK, &serde_json::Value::Array(out));
+    resp.headers_mut().insert(
+        INBOX_GENERATION_HEADER,
+        axum::http::HeaderValue::from(generation),
+    );
+    Ok(resp)
 }
 
 async fn outbox(

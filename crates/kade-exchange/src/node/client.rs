@@ -18,6 +18,17 @@ pub struct MailboxRefusal {
     pub message: String,
 }
 
+impl MailboxRefusal {
+    /// The refusal in an answer with `status` and `body` (`{"error": "…"}`, or text).
+    fn new(status: StatusCode, body: &[u8]) -> Self {
+        let message = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+        MailboxRefusal { status, message }
+    }
+}
+
 /// One bundle in the recipient's inbox.
 #[derive(Debug, Clone, Deserialize)]
 pub struct InboxEntry {
@@ -132,11 +143,7 @@ impl MailboxClient {
         if status.is_success() {
             return Ok(bytes);
         }
-        let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-        Err(MailboxRefusal { status, message }.into())
+        Err(MailboxRefusal::new(status, &bytes).into())
     }
 
     /// Runs `f` until it succeeds, fails for good, or the attempts are used up.
@@ -278,6 +285,41 @@ impl MailboxClient {
             .call("reading the inbox", Method::GET, "/v1/inbox", None)
             .await?;
         serde_json::from_slice(&b).context("the mailbox's inbox is not understood")
+    }
+
+    /// Waits up to `wait` for a bundle to be sealed for this node after inbox generation
+    /// `seen` (at once when `seen` is `None` or already old), and returns the generation now:
+    /// the mailbox's notification. `Ok(None)` when the mailbox does not notify (it answers
+    /// at once, without a generation). One attempt: the caller's loop retries.
+    ///
+    /// # Errors
+    /// Transport errors or a refusal.
+    pub async fn wait_inbox(
+        &self,
+        seen: Option<u64>,
+        wait: Duration,
+    ) -> anyhow::Result<Option<u64>> {
+        let wait = wait.as_secs().clamp(1, crate::mailbox::MAX_INBOX_WAIT_SECS);
+        let path = match seen {
+            Some(g) => format!("/v1/inbox?wait={wait}&seen={g}"),
+            None => "/v1/inbox".to_owned(),
+        };
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .with_context(|| format!("waiting for bundles at {}", self.base))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(MailboxRefusal::new(status, &body).into());
+        }
+        Ok(resp
+            .headers()
+            .get(crate::mailbox::INBOX_GENERATION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()))
     }
 
     /// This node's sent bundles.
