@@ -11,15 +11,20 @@ Starts three processes on 127.0.0.1, each with its own empty data directory (SQL
 the mailbox (kade mailbox serve), hospital A and hospital B (kade serve), enrolled with
 Kade's own commands. Loads a synthetic CT study into A over DIMSE (not timed) and one
 instance of the same patient (same BSN, birth date and family name, another Patient ID)
-into B, then measures:
+into B, then runs `kade exchange send` at A and waits until B's running node, notified by
+the mailbox of the seal, has received the bundle by itself (download, verify, decrypt, check
+every hash, reconcile the patient, coerce the identifiers, import every instance through
+ingest). It measures:
 
-  send     kade exchange send at A: read the blobs, seal, upload every chunk, seal the bundle;
-  receive  kade exchange receive at B: download, verify, decrypt, check every hash, reconcile
-           the patient, coerce the identifiers and import every instance through ingest;
+  send         kade exchange send at A: read the blobs, seal, upload every chunk, seal the
+               bundle (the command's own run time);
+  seal→import  from the end of the send to B's log line "imported as local patient": the
+               notification, the download and the import;
+  end to end   from the start of the send to that log line;
 
-and prints MB/s for each and end to end (payload MB / (send + receive) seconds), the CPU
-seconds (user + system) of the node and of the mailbox in each step, and the peak RSS of the
-sending and receiving processes (/usr/bin/time) and of the mailbox (VmHWM).
+and prints MB/s for each, the CPU seconds (user + system) of A's send command, of B's node
+and of the mailbox in each step, and the peak RSS of the send command (/usr/bin/time), of B's
+node and of the mailbox (VmHWM; B's is its whole run, the DIMSE load of one instance included).
 It checks that B imported every instance under its own Patient ID.
 
 Environment:
@@ -130,55 +135,70 @@ for org in HOSPA HOSPB; do
     "$KADE" --data-dir mailbox mailbox enroll --request $org/exchange/request.json --out $org.json >/dev/null
     "$KADE" --data-dir $org exchange join $org.json >/dev/null
     "$KADE" --data-dir $org peer add STORESCU --host 127.0.0.1 --allow echo,store >/dev/null
-    KADE_EXCHANGE_POLL_SECS=0 start $org --data-dir $org serve --port 0 --http-port 0 --bind 127.0.0.1
 done
+# A sends with the command; B receives by itself, on the mailbox's notification.
+KADE_EXCHANGE_POLL_SECS=0 start HOSPA --data-dir HOSPA serve --port 0 --http-port 0 --bind 127.0.0.1
+KADE_EXCHANGE_POLL_SECS=60 KADE_LOG=warn,kade::exchange=info,kade_exchange=debug \
+    start HOSPB --data-dir HOSPB serve --port 0 --http-port 0 --bind 127.0.0.1
+B_PID=${PIDS[-1]}
 A_PORT=$(port_of HOSPA DICOM)
 B_PORT=$(port_of HOSPB DICOM)
 echo "==> loading A over DIMSE (not timed)"
 "$STORESCU" -aet STORESCU -aec KADE 127.0.0.1 "$A_PORT" "$A_DATA"/*.dcm
 "$STORESCU" -aet STORESCU -aec KADE 127.0.0.1 "$B_PORT" "$B_DATA"/*.dcm
 
-# The mailbox's CPU seconds so far (user + system).
-mb_cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$MB_PID/stat"; }
-MB_CPU0=$(mb_cpu)
+# A process's CPU seconds so far (user + system).
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+MB_CPU0=$(cpu_of "$MB_PID")
+B_CPU0=$(cpu_of "$B_PID")
 SEND_CONFIG=()
 if [ -n "${BENCH_CHUNK_BYTES:-}" ]; then
     printf '[exchange]\nchunk_bytes = %s\n' "$BENCH_CHUNK_BYTES" >send.toml
     SEND_CONFIG=(--config send.toml)
 fi
-echo "==> send (A)"
+echo "==> send (A); B receives by itself"
+T0=$(date +%s.%N)
 /usr/bin/time -f "%M %e %U %S" -o send.time "$KADE" "${SEND_CONFIG[@]}" --data-dir HOSPA exchange send --study "$STUDY" \
     --to HOSPB --reason "Benchmark" --user bench --yes --json >send.json
-MB_CPU1=$(mb_cpu)
-echo "==> receive (B)"
-KADE_LOG=kade_exchange=debug /usr/bin/time -f "%M %e %U %S" -o receive.time "$KADE" --data-dir HOSPB exchange receive --json \
-    >receive.json 2>receive.log
-grep -o 'bundle \(downloaded\|imported\).*' receive.log | sed 's/^/    /' || true
+T1=$(date +%s.%N)
+MB_CPU1=$(cpu_of "$MB_PID")
+for _ in $(seq 1 6000); do
+    grep -q 'imported as local patient\|refused, nothing imported\|waits for reconciliation' HOSPB.log && break
+    sleep 0.1
+done
+grep -o 'bundle \(downloaded\|imported\).*' HOSPB.log | sed 's/^/    /' || true
 MB_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$MB_PID/status")
-MB_CPU2=$(mb_cpu)
+B_RSS=$(awk '/VmHWM/ {print $2}' "/proc/$B_PID/status")
+MB_CPU2=$(cpu_of "$MB_PID")
+B_CPU2=$(cpu_of "$B_PID")
+"$KADE" --data-dir HOSPB exchange inbox --json >inbox.json
 
-python3 - "$MB" "$INSTANCES" "$MB_RSS" "$MB_CPU0" "$MB_CPU1" "$MB_CPU2" <<'PY'
-import json, sys, platform, os, subprocess
-mb, n, mb_rss = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-mb_cpu = [float(x) for x in sys.argv[4:7]]
+python3 - "$MB" "$INSTANCES" "$MB_RSS" "$B_RSS" "$T0" "$T1" "$MB_CPU0" "$MB_CPU1" "$MB_CPU2" "$B_CPU0" "$B_CPU2" <<'PY'
+import datetime, json, re, sys, platform, os
+mb, n, mb_rss, b_rss = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+t0, t1 = float(sys.argv[5]), float(sys.argv[6])
+mb_cpu = [float(x) for x in sys.argv[7:10]]
+b_cpu = float(sys.argv[11]) - float(sys.argv[10])
 send = json.load(open("send.json"))
-recv = json.load(open("receive.json"))
-assert len(recv) == 1 and recv[0]["result"] == "imported", recv
-assert recv[0]["imported"] == n, recv
-assert recv[0]["patient_id"] == "B-LOCAL", recv
+line = next((l for l in open("HOSPB.log") if "imported as local patient" in l), None)
+assert line, "B did not import the bundle; see HOSPB.log:\n" + open("HOSPB.log").read()[-2000:]
+m = re.search(r"imported as local patient (\S+): (\d+) imported, (\d+) already present, (\d+) rejected", line)
+assert m and m.group(1) == "B-LOCAL" and int(m.group(2)) == n, line
+rows = [r for r in json.load(open("inbox.json")) if r["bundle_id"] == send["bundle_id"]]
+assert rows and rows[0]["state"] == "imported" and rows[0]["local_patient_id"] == "B-LOCAL", rows
+t2 = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
 s_rss, s_t, s_u, s_s = open("send.time").read().split()[-4:]
-r_rss, r_t, r_u, r_s = open("receive.time").read().split()[-4:]
-s_t, r_t = float(s_t), float(r_t)
-s_cpu, r_cpu = float(s_u) + float(s_s), float(r_u) + float(r_s)
+s_cpu = float(s_u) + float(s_s)
 mb_send, mb_recv = mb_cpu[1] - mb_cpu[0], mb_cpu[2] - mb_cpu[1]
+send_s, recv_s, e2e = t1 - t0, t2 - t1, t2 - t0
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 print()
 print(f"Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
 print(f"Study: {n} instances, {mb:.0f} MB, {send['total_chunks']} chunks")
 print()
-print("| step | seconds | MB/s | CPU s: node / mailbox | peak RSS (MB) |")
+print("| step | seconds | MB/s | CPU s: A / B / mailbox | peak RSS (MB) |")
 print("|---|---|---|---|---|")
-print(f"| send at A (read, seal, upload) | {s_t:.1f} | {mb / s_t:.0f} | {s_cpu:.1f} / {mb_send:.1f} | {int(s_rss) * 1024 / 1e6:.0f} |")
-print(f"| receive at B (download, verify, reconcile, import) | {r_t:.1f} | {mb / r_t:.0f} | {r_cpu:.1f} / {mb_recv:.1f} | {int(r_rss) * 1024 / 1e6:.0f} |")
-print(f"| end to end | {s_t + r_t:.1f} | {mb / (s_t + r_t):.0f} | {s_cpu + r_cpu:.1f} / {mb_send + mb_recv:.1f} | mailbox {mb_rss * 1024 / 1e6:.0f} |")
+print(f"| send at A (read, seal, upload) | {send_s:.1f} | {mb / send_s:.0f} | {s_cpu:.1f} / - / {mb_send:.1f} | A's send {int(s_rss) * 1024 / 1e6:.0f} |")
+print(f"| seal → imported at B (notified, download, verify, reconcile, import) | {recv_s:.1f} | {mb / recv_s:.0f} | - / {b_cpu:.1f} / {mb_recv:.1f} | B's node {b_rss * 1024 / 1e6:.0f} |")
+print(f"| **end to end** | {e2e:.1f} | **{mb / e2e:.0f}** | {s_cpu:.1f} / {b_cpu:.1f} / {mb_send + mb_recv:.1f} | mailbox {mb_rss * 1024 / 1e6:.0f} |")
 PY
