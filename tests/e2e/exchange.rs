@@ -1041,3 +1041,90 @@ async fn cut_connections_resume_with_only_missing_chunks_on(backend: &Backend) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_or_replaced_certificate_is_shut_out() {
+    for b in backends() {
+        a_revoked_or_replaced_certificate_is_shut_out_on(&b).await;
+    }
+}
+
+async fn a_revoked_or_replaced_certificate_is_shut_out_on(backend: &Backend) {
+    let mb = Mailbox::start(backend).await;
+    let a = mb.hospital(backend, "HOSPA", &mb.url(), 0).await;
+    let b = mb.hospital(backend, "HOSPB", &mb.url(), 0).await;
+    store(&b, &spec("MRN-B-1", None, Some(BSN), "19700101"));
+    let s = spec("A-1", None, Some(BSN), "19700101");
+    store(&a, &s);
+    let before = b.stats()["instances"].as_u64().unwrap();
+    let inbox = format!("{}/v1/inbox", mb.url());
+    let status = |c: &reqwest::Client| {
+        let req = c.get(&inbox).send();
+        async move { req.await.unwrap().status().as_u16() }
+    };
+    // A bundle sealed before the revocation.
+    let id = send(&a, &s.study_uid, "HOSPB", &[])["bundle_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let old = mb.client(Some(&a));
+    assert_eq!(status(&old).await, 200);
+
+    ok(
+        &mb.node,
+        &["mailbox", "revoke", "HOSPA", "--reason", "laptop stolen"],
+    );
+    // At once the mailbox refuses A's certificate, for every route…
+    assert_eq!(status(&old).await, 403);
+    let o = a.cli(&["exchange", "receive"]);
+    assert!(!o.status.success(), "A is shut out: {}", tools::text(&o));
+    assert!(tools::text(&o).contains("revoked"), "{}", tools::text(&o));
+    // … and B refuses what A sealed before: A is no longer in the directory.
+    let out = json_fail(&b, &["exchange", "receive", "--json"]);
+    assert_eq!(out[0]["bundle_id"], id.as_str(), "{out}");
+    assert_eq!(out[0]["result"], "refused", "{out}");
+    assert_eq!(b.stats()["instances"].as_u64().unwrap(), before);
+    // Revoking twice says what is wrong.
+    let o = mb
+        .node
+        .cli(&["mailbox", "revoke", "HOSPA", "--reason", "again"]);
+    assert!(!o.status.success());
+    assert!(
+        tools::text(&o).contains("HOSPA is not in the mailbox's directory"),
+        "{}",
+        tools::text(&o)
+    );
+    let mb_audit = ok(&mb.node, &["audit", "tail", "-n", "200", "--json"]);
+    assert!(
+        mb_audit.contains("organisation HOSPA revoked: laptop stolen"),
+        "{mb_audit}"
+    );
+    assert!(
+        mb_audit.contains("client certificate of HOSPA refused"),
+        "{mb_audit}"
+    );
+
+    // Enrolled again, A gets a new certificate; the old one stays shut out.
+    let request = a.data_dir().join("exchange/request.json");
+    let enrolment = a.dir.path().join("enrolment-2.json");
+    ok(
+        &mb.node,
+        &[
+            "mailbox",
+            "enroll",
+            "--request",
+            request.to_str().unwrap(),
+            "--out",
+            enrolment.to_str().unwrap(),
+        ],
+    );
+    ok(&a, &["exchange", "join", enrolment.to_str().unwrap()]);
+    assert_eq!(status(&old).await, 403, "the replaced certificate");
+    assert_eq!(status(&mb.client(Some(&a))).await, 200, "the new one");
+    let s2 = spec("A-1", None, Some(BSN), "19700101");
+    store(&a, &s2);
+    send(&a, &s2.study_uid, "HOSPB", &[]);
+    let out = json(&b, &["exchange", "receive", "--json"]);
+    assert_eq!(out[0]["result"], "imported", "{out}");
+    assert!(b.stats()["instances"].as_u64().unwrap() > before);
+}

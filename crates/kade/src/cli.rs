@@ -235,6 +235,20 @@ pub enum MailboxCommand {
         #[arg(long, default_value_t = 365, value_name = "DAYS")]
         valid_days: u64,
     },
+    /// Revoke a hospital: take its entry out of the directory. At once the mailbox refuses
+    /// its client certificate and the other nodes refuse its bundles (sender not in the
+    /// directory) and stop sending to it; enrolling it again lets it back in, with a new
+    /// certificate.
+    #[command(
+        after_help = "Example:\n  kade --data-dir /srv/mailbox mailbox revoke 01234567 --reason \"key stolen with a laptop\""
+    )]
+    Revoke {
+        /// The organisation id to revoke.
+        org: String,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: String,
+    },
     /// Serve the mailbox (HTTPS, client certificates required) until SIGINT or SIGTERM.
     #[command(
         after_help = "Examples:\n  kade --data-dir /srv/mailbox mailbox serve\n  kade --data-dir /srv/mailbox mailbox serve --port 9443"

@@ -63,7 +63,19 @@ pub async fn mailbox(cfg: &Config, cmd: MailboxCommand) -> anyhow::Result<()> {
             request,
             out,
             valid_days,
-        } => mailbox_enroll(&cfg.data_dir, &request, &out, valid_days),
+        } => {
+            let org = mailbox_enroll(&cfg.data_dir, &request, &out, valid_days)?;
+            mailbox_audit(cfg, format!("organisation {org} enrolled")).await;
+            Ok(())
+        }
+        MailboxCommand::Revoke { org, reason } => {
+            mailbox_revoke(&cfg.data_dir, &org)?;
+            mailbox_audit(cfg, format!("organisation {org} revoked: {reason}")).await;
+            println!(
+                "kade: {org} revoked: the mailbox refuses its certificate and the other nodes its bundles from now on"
+            );
+            Ok(())
+        }
         MailboxCommand::Serve { port, bind } => {
             let mut cfg = cfg.clone();
             if let Some(p) = port {
@@ -154,12 +166,69 @@ fn load_authority(dir: &Path) -> anyhow::Result<SigningKey> {
     Ok(SigningKey::from_bytes(&b))
 }
 
+/// Writes an administrative entry to the mailbox's audit log.
+async fn mailbox_audit(cfg: &Config, detail: String) {
+    let written = async {
+        let node = Node::open(cfg).await?;
+        let ev = kade_audit::AuditEvent::new(
+            kade_audit::EventKind::Admin,
+            kade_audit::Outcome::Success,
+            "admin:cli",
+        )
+        .detail(detail);
+        node.audit.record(&ev).await?;
+        node.index.close().await;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = written {
+        eprintln!("warning: could not write the audit entry: {e:#}");
+    }
+}
+
+/// Rewrites the mailbox's directory with `entries` (each signed by the authority).
+fn write_directory(dir: &Path, entries: Vec<SignedDirectoryEntry>) -> anyhow::Result<()> {
+    let path = dir.join("directory.json");
+    let tmp = dir.join("directory.json.tmp");
+    std::fs::write(&tmp, DirectoryFile::new(entries).to_json())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+/// The mailbox's directory entries, verified against its authority.
+fn read_directory(dir: &Path, authority: &SigningKey) -> anyhow::Result<Vec<SignedDirectoryEntry>> {
+    let path = dir.join("directory.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Directory::from_json(&text, &authority.verifying_key())
+        .with_context(|| format!("{} does not verify", path.display()))?;
+    let file: DirectoryFile = serde_json::from_str(&text)?;
+    Ok(file.entries)
+}
+
+fn mailbox_revoke(data_dir: &Path, org: &str) -> anyhow::Result<()> {
+    let dir = mailbox_dir(data_dir);
+    let authority = load_authority(&dir)?;
+    let entries = read_directory(&dir, &authority)?;
+    let before = entries.len();
+    let kept: Vec<_> = entries
+        .into_iter()
+        .filter(|e| e.entry.org_id != org)
+        .collect();
+    if kept.len() == before {
+        bail!("{org} is not in the mailbox's directory: nothing to revoke (see directory.json)");
+    }
+    write_directory(&dir, kept)
+}
+
+/// Enrols the requesting organisation; returns its id.
 fn mailbox_enroll(
     data_dir: &Path,
     request: &Path,
     out: &Path,
     valid_days: u64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let dir = mailbox_dir(data_dir);
     let authority = load_authority(&dir)?;
     let req: EnrolmentRequest = serde_json::from_slice(
@@ -201,21 +270,14 @@ fn mailbox_enroll(
         cert.der(),
     )));
     let signed = SignedDirectoryEntry::sign(entry.clone(), &authority);
-    let dir_path = dir.join("directory.json");
-    let text = std::fs::read_to_string(&dir_path)
-        .with_context(|| format!("cannot read {}", dir_path.display()))?;
-    Directory::from_json(&text, &authority.verifying_key())
-        .with_context(|| format!("{} does not verify", dir_path.display()))?;
-    let file: DirectoryFile = serde_json::from_str(&text)?;
-    let mut entries: Vec<SignedDirectoryEntry> = file
-        .entries
+    // A newer enrolment replaces the organisation's entry, and with it the certificate the
+    // mailbox admits.
+    let mut entries: Vec<SignedDirectoryEntry> = read_directory(&dir, &authority)?
         .into_iter()
         .filter(|e| e.entry.org_id != org)
         .collect();
     entries.push(signed);
-    let tmp = dir.join("directory.json.tmp");
-    std::fs::write(&tmp, DirectoryFile::new(entries).to_json())?;
-    std::fs::rename(&tmp, &dir_path)?;
+    write_directory(&dir, entries)?;
     let enrolment = Enrolment {
         org_id: org.clone(),
         client_cert_pem: cert.pem(),
@@ -233,7 +295,7 @@ fn mailbox_enroll(
             .unwrap_or_default(),
         out.display()
     );
-    Ok(())
+    Ok(org)
 }
 
 async fn mailbox_serve(cfg: Config) -> anyhow::Result<()> {
@@ -257,6 +319,7 @@ async fn mailbox_serve(cfg: Config) -> anyhow::Result<()> {
         MailboxOptions {
             acknowledged_retention_secs: cfg.mailbox.acknowledged_retention_days * 86400,
             directory_file: dir.join("directory.json"),
+            authority: load_authority(&dir)?.verifying_key(),
         },
     );
     let app = kade_exchange::mailbox::router(mailbox.clone())

@@ -219,6 +219,11 @@ impl Directory {
         self.entries.get(org_id)
     }
 
+    /// Every entry, valid or not, by organisation id.
+    pub fn entries(&self) -> impl Iterator<Item = &DirectoryEntry> {
+        self.entries.values()
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()

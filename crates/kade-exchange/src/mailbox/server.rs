@@ -16,7 +16,7 @@ use kade_store::{BlobKey, BlobStore, StoreError};
 use serde_json::json;
 use sqlx::Row;
 
-use crate::bundle::{BundleHeader, BundleId, MAX_CHUNK_SIZE, chunk_count};
+use crate::bundle::{BundleHeader, BundleId, Directory, MAX_CHUNK_SIZE, chunk_count};
 
 /// The client certificate (DER) of the TLS connection a request came over; inserted by the
 /// listener.
@@ -43,8 +43,14 @@ pub struct MailboxOptions {
     /// Seconds an acknowledged bundle's ciphertext is kept after its receipt.
     pub acknowledged_retention_secs: u64,
     /// The signed peer directory served at `/v1/directory` (JSON of a `DirectoryFile`),
-    /// re-read on every request so that `kade mailbox enroll` takes effect at once.
+    /// re-read on every request so that `kade mailbox enroll` takes effect at once. It is
+    /// also the list of admitted client certificates: a caller is served only while the
+    /// directory holds an unexpired entry for its organisation whose `tls_cert_sha256` is its
+    /// certificate's, so `kade mailbox revoke` (and a newer enrolment) shuts a certificate out
+    /// at once.
     pub directory_file: std::path::PathBuf,
+    /// The directory authority's public key: the directory must verify against it.
+    pub authority: ed25519_dalek::VerifyingKey,
 }
 
 /// The mailbox service.
@@ -56,6 +62,16 @@ pub struct Mailbox {
     options: Arc<MailboxOptions>,
     /// Counts seals: recipients waiting at `/v1/inbox?wait=…` wake when it moves.
     sealed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The admitted client certificates, read from the directory file when it changes.
+    enrolled: Arc<std::sync::Mutex<Enrolled>>,
+}
+
+/// Organisation → (SHA-256 of its enrolled client certificate, hex; `not_after`), as of the
+/// directory file with `stamp` (modification time, inode, length).
+#[derive(Debug, Default)]
+struct Enrolled {
+    stamp: Option<(std::time::SystemTime, u64, u64)>,
+    certs: std::collections::HashMap<String, (String, u64)>,
 }
 
 /// The longest a recipient's `/v1/inbox?wait=SECS` is held open, in seconds.
@@ -149,6 +165,7 @@ impl Mailbox {
             store: store.uncached(),
             audit,
             options: Arc::new(options),
+            enrolled: Arc::default(),
             // Starts at the clock, so that a restarted mailbox's generation differs from the
             // one its recipients saw before and their first wait returns at once.
             sealed: Arc::new(tokio::sync::watch::Sender::new(
@@ -178,6 +195,44 @@ impl Mailbox {
             state: r.try_get(5)?,
             expires_at: r.try_get(6)?,
         }))
+    }
+
+    /// Whether `cert` (DER) is the certificate enrolled for `org` in the directory, unexpired.
+    fn admits(&self, org: &str, cert: &[u8]) -> Result<bool, ApiError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let path = &self.options.directory_file;
+        let unavailable = |what: String| {
+            tracing::error!(file = %path.display(), "{what}");
+            err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the directory is unavailable",
+            )
+        };
+        let meta = std::fs::metadata(path).map_err(|e| unavailable(e.to_string()))?;
+        let stamp = (
+            meta.modified().map_err(|e| unavailable(e.to_string()))?,
+            meta.ino(),
+            meta.len(),
+        );
+        let mut enrolled = self.enrolled.lock().unwrap_or_else(|e| e.into_inner());
+        if enrolled.stamp != Some(stamp) {
+            let text = std::fs::read_to_string(path).map_err(|e| unavailable(e.to_string()))?;
+            let directory = Directory::from_json(&text, &self.options.authority)
+                .map_err(|e| unavailable(format!("the directory does not verify: {e}")))?;
+            enrolled.certs = directory
+                .entries()
+                .filter_map(|e| {
+                    let fp = e.tls_cert_sha256.clone()?;
+                    Some((e.org_id.clone(), (fp.to_ascii_lowercase(), e.not_after)))
+                })
+                .collect();
+            enrolled.stamp = Some(stamp);
+        }
+        let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(cert));
+        Ok(enrolled
+            .certs
+            .get(org)
+            .is_some_and(|(fp, not_after)| *fp == fingerprint && unix_now() <= *not_after))
     }
 
     async fn held(&self, id: &str) -> Result<Vec<u32>, ApiError> {
@@ -305,25 +360,48 @@ pub fn router(mailbox: Mailbox) -> Router {
         .route("/v1/outbox", get(outbox))
         .fallback(|| async { err(StatusCode::NOT_FOUND, "no such mailbox route") })
         .layer(DefaultBodyLimit::max(MAX_CHUNK_SIZE as usize + 64 * 1024))
-        .layer(middleware::from_fn(identify))
+        .layer(middleware::from_fn_with_state(mailbox.clone(), identify))
         .with_state(mailbox)
 }
 
-async fn identify(mut req: Request, next: Next) -> Response {
-    let org = req
-        .extensions()
-        .get::<PeerCertificate>()
-        .and_then(|c| organisation_of(&c.0));
-    match org {
-        Some(o) => {
-            req.extensions_mut().insert(Caller(o));
-            next.run(req).await
-        }
-        None => err(
+async fn identify(State(mb): State<Mailbox>, mut req: Request, next: Next) -> Response {
+    let Some(cert) = req.extensions().get::<PeerCertificate>().cloned() else {
+        return err(StatusCode::UNAUTHORIZED, "a client certificate is required").into_response();
+    };
+    let Some(org) = organisation_of(&cert.0) else {
+        return err(
             StatusCode::UNAUTHORIZED,
             "a client certificate naming an organisation (subject O) is required",
         )
-        .into_response(),
+        .into_response();
+    };
+    match mb.admits(&org, &cert.0) {
+        Ok(true) => {
+            req.extensions_mut().insert(Caller(org));
+            next.run(req).await
+        }
+        Ok(false) => {
+            mb.record(
+                EventKind::ExchangeRefused,
+                Outcome::SeriousFailure,
+                &org,
+                format!(
+                    "client certificate of {org} refused: not the one enrolled in the directory \
+                     (revoked, replaced by a newer enrolment, or expired)"
+                ),
+            )
+            .await;
+            err(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the client certificate of {org} is not the one enrolled at this mailbox \
+                     (revoked, replaced by a newer enrolment, or expired): ask the mailbox's \
+                     administrator to enrol {org} again"
+                ),
+            )
+            .into_response()
+        }
+        Err(e) => e.into_response(),
     }
 }
 
