@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dicom_dictionary_std::tags;
@@ -1127,4 +1127,101 @@ async fn a_revoked_or_replaced_certificate_is_shut_out_on(backend: &Backend) {
     let out = json(&b, &["exchange", "receive", "--json"]);
     assert_eq!(out[0]["result"], "imported", "{out}");
     assert!(b.stats()["instances"].as_u64().unwrap() > before);
+}
+
+/// A TCP relay to the mailbox that passes at most `budget` bytes from the mailbox in all; once
+/// they are used up it drops every connection and refuses new ones, until the budget is raised.
+async fn failing_proxy(target: u16) -> (u16, Arc<AtomicI64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let budget = Arc::new(AtomicI64::new(i64::MAX));
+    let shared = budget.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((inbound, _)) = l.accept().await else {
+                return;
+            };
+            if shared.load(Ordering::SeqCst) <= 0 {
+                continue;
+            }
+            let down = shared.clone();
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                else {
+                    return;
+                };
+                let (ir, iw) = inbound.into_split();
+                let (or, ow) = outbound.into_split();
+                let up = pump(ir, ow, Arc::new(AtomicI64::new(i64::MAX)));
+                tokio::select! { () = up => {}, () = pump(or, iw, down) => {} }
+            });
+        }
+    });
+    (port, budget)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receive_stopped_half_way_leaves_no_orphan_blob() {
+    for b in backends() {
+        a_receive_stopped_half_way_leaves_no_orphan_blob_on(&b).await;
+    }
+}
+
+async fn a_receive_stopped_half_way_leaves_no_orphan_blob_on(backend: &Backend) {
+    let mb = Mailbox::start(backend).await;
+    let (proxy, budget) = failing_proxy(mb.port).await;
+    let a = mb.hospital(backend, "HOSPA", &mb.url(), 0).await;
+    let via = format!("https://127.0.0.1:{proxy}");
+    let b = mb.hospital(backend, "HOSPB", &via, 0).await;
+    store(&b, &spec("MRN-B-1", None, Some(BSN), "19700101"));
+    let blobs_before = blob_keys(&b).await;
+    let mut s = spec("A-1", None, Some(BSN), "19700101");
+    s.series = 3;
+    s.per_series = 8;
+    let files = store(&a, &s);
+    let sent = send(&a, &s.study_uid, "HOSPB", &[]);
+    let id = sent["bundle_id"].as_str().unwrap().to_owned();
+    let payload = sent["payload_bytes"].as_i64().unwrap();
+
+    // B's receive gets about half of the bundle, then the mailbox seems gone; B stages what
+    // verified and retries, and is killed meanwhile.
+    budget.store(payload / 2, Ordering::SeqCst);
+    let mut receive = Command::new(env!("CARGO_BIN_EXE_kade"))
+        .arg("--config")
+        .arg(&b.config)
+        .args(["exchange", "receive"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let record = b.data_dir().join(format!("exchange/staging/{id}.keys"));
+    wait_for("B to stage part of the bundle", || {
+        std::fs::read_to_string(&record).is_ok_and(|t| t.lines().count() >= 2)
+    })
+    .await;
+    receive.kill().unwrap();
+    receive.wait().unwrap();
+    let left = blob_keys(&b).await;
+    assert!(
+        left.len() > blobs_before.len(),
+        "the killed receive left staged blobs behind"
+    );
+    assert!(left.len() < blobs_before.len() + files.len());
+
+    // The mailbox is back. The next receive deletes the leftovers, then imports the bundle.
+    budget.store(i64::MAX, Ordering::SeqCst);
+    let out = json(&b, &["exchange", "receive", "--json"]);
+    assert_eq!(out[0]["bundle_id"], id.as_str(), "{out}");
+    assert_eq!(out[0]["result"], "imported", "{out}");
+    assert_eq!(out[0]["imported"].as_u64().unwrap() as usize, files.len());
+    assert!(!record.exists(), "the staging record is gone");
+    let index = b.index().await;
+    let after = blob_keys(&b).await;
+    for k in &after {
+        assert!(
+            index.blob_is_referenced(k).await.unwrap(),
+            "blob {k} is an orphan"
+        );
+    }
+    assert_eq!(after.len(), blobs_before.len() + files.len());
 }

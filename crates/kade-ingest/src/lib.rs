@@ -116,6 +116,11 @@ impl Staged {
     pub fn summary(&self) -> &Summary {
         &self.summary
     }
+
+    /// The key of its blob in the store.
+    pub fn blob_key(&self) -> &str {
+        &self.rec.blob_key
+    }
 }
 
 /// How a prepared instance's blob was written.

@@ -21,6 +21,7 @@ pub mod client;
 pub mod receive;
 pub mod reconcile;
 pub mod send;
+mod staging;
 pub mod status;
 
 use std::path::{Path, PathBuf};

@@ -16,6 +16,7 @@
 //! `DATA_DIR/exchange/incoming/{bundle}/` (owner-only) until a person reconciles it.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
@@ -37,6 +38,7 @@ const STAGE_BYTES: usize = 48 * 1024 * 1024;
 
 use super::client::{InboxEntry, MailboxClient, refusal_status};
 use super::reconcile::{self, Decision, LocalPatient};
+use super::staging::{self, StagingRecord};
 use super::{ExchangeNode, now};
 use crate::ExchangeError;
 use crate::bundle::{
@@ -130,6 +132,16 @@ impl ExchangeNode {
         self.work_dir.join("incoming").join(id)
     }
 
+    /// Takes the node's receive lock and clears what a stopped receive staged (see
+    /// [`staging`]).
+    async fn begin_receiving(&self) -> anyhow::Result<staging::ReceiveLock> {
+        let lock = staging::receive_lock(&self.work_dir).await?;
+        if let Err(e) = staging::clean(&lock, &self.work_dir, &self.index, &self.store).await {
+            tracing::warn!(error = %format!("{e:#}"), "cannot clear the blobs an interrupted receive staged; the next receive retries");
+        }
+        Ok(lock)
+    }
+
     async fn record(
         &self,
         kind: EventKind,
@@ -167,6 +179,7 @@ impl ExchangeNode {
     /// When the mailbox or the directory cannot be reached; a bad bundle is refused and
     /// reported, not an error.
     pub async fn receive_all(&self) -> anyhow::Result<Vec<ReceiveReport>> {
+        let _lock = self.begin_receiving().await?;
         let inbox = self.client.inbox().await?;
         if inbox.is_empty() {
             return Ok(Vec::new());
@@ -321,7 +334,7 @@ impl ExchangeNode {
                 return self.queue(entry, &kept, reason).await;
             }
         };
-        let staged = match self
+        let (staged, record) = match self
             .download_staged(id, &opener, &kept.manifest, &local)
             .await
         {
@@ -339,6 +352,7 @@ impl ExchangeNode {
         );
         let t1 = std::time::Instant::now();
         let outcomes = self.commit(staged, &kept.manifest).await?;
+        record.done();
         tracing::info!(bundle = %id, secs = t1.elapsed().as_secs_f64(), "bundle imported");
         let result = self
             .imported(id, &entry.sender, &kept, &local, dir, outcomes)
@@ -439,8 +453,9 @@ impl ExchangeNode {
         opener: &Opener,
         manifest: &Manifest,
         local: &LocalPatient,
-    ) -> anyhow::Result<Vec<Pending>> {
-        let job = StageJob::new(self, local, &manifest.sender);
+    ) -> anyhow::Result<(Vec<Pending>, Arc<StagingRecord>)> {
+        let record = StagingRecord::create(&self.work_dir, id)?;
+        let job = StageJob::new(self, local, &manifest.sender, record.clone());
         let mut jobs = tokio::task::JoinSet::new();
         let mut done: Vec<Option<Pending>> = Vec::new();
         done.resize_with(manifest.instances.len(), || None);
@@ -503,9 +518,10 @@ impl ExchangeNode {
                     self.ingest.discard(s).await;
                 }
             }
+            record.done();
             return Err(e);
         }
-        Ok(done.into_iter().flatten().collect())
+        Ok((done.into_iter().flatten().collect(), record))
     }
 
     /// Indexes the staged instances of a verified bundle; the outcome of each instance, in
@@ -573,7 +589,8 @@ impl ExchangeNode {
     ) -> anyhow::Result<Received> {
         let m = &kept.manifest;
         let work = self.incoming(id);
-        let job = StageJob::new(self, local, &m.sender);
+        let record = StagingRecord::create(&self.work_dir, id)?;
+        let job = StageJob::new(self, local, &m.sender, record.clone());
         let pending: Vec<Pending> = futures::stream::iter(m.instances.iter().enumerate())
             .map(|(n, inst)| {
                 let (job, path) = (job.clone(), work.join(format!("{n}.dcm")));
@@ -590,6 +607,7 @@ impl ExchangeNode {
             .collect()
             .await;
         let outcomes = self.commit(pending, m).await?;
+        record.done();
         self.imported(id, sender, kept, local, dir, outcomes).await
     }
 
@@ -754,6 +772,7 @@ impl ExchangeNode {
         )
         .await;
         let dir = self.directory().await?;
+        let _lock = self.begin_receiving().await?;
         self.import(id, &sender, &kept, &local, &dir).await
     }
 }
@@ -775,16 +794,24 @@ struct StageJob {
     sender: String,
     /// Attribute Modification DateTime of the coercion.
     at: String,
+    /// Where each staged blob is recorded until the bundle is committed.
+    record: Arc<StagingRecord>,
 }
 
 impl StageJob {
     /// Instances from `sender` for `local`, coerced now.
-    fn new(node: &ExchangeNode, local: &LocalPatient, sender: &str) -> Self {
+    fn new(
+        node: &ExchangeNode,
+        local: &LocalPatient,
+        sender: &str,
+        record: Arc<StagingRecord>,
+    ) -> Self {
         StageJob {
             node: node.clone(),
             local: local.clone(),
             sender: sender.to_owned(),
             at: dicom_now(),
+            record,
         }
     }
 
@@ -840,7 +867,10 @@ impl StageJob {
         }
         drop((c, bytes));
         match node.ingest.stage(incoming, &source).await {
-            Ok(Prepared::Staged(s)) => Pending::Staged(s),
+            Ok(Prepared::Staged(s)) => {
+                self.record.add(s.blob_key());
+                Pending::Staged(s)
+            }
             Ok(Prepared::Done(Stored::New(_) | Stored::Replaced(_))) => {
                 Pending::Done(InstanceOutcome::Imported)
             }
