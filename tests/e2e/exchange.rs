@@ -1195,18 +1195,22 @@ async fn a_receive_stopped_half_way_leaves_no_orphan_blob_on(backend: &Backend) 
         .spawn()
         .unwrap();
     let record = b.data_dir().join(format!("exchange/staging/{id}.keys"));
-    wait_for("B to stage part of the bundle", || {
-        std::fs::read_to_string(&record).is_ok_and(|t| t.lines().count() >= 2)
-    })
-    .await;
+    let t0 = Instant::now();
+    while blob_keys(&b).await.len() < blobs_before.len() + 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "timed out waiting for B to stage part of the bundle"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     receive.kill().unwrap();
     receive.wait().unwrap();
+    assert!(record.exists(), "the staged blobs are on record");
     let left = blob_keys(&b).await;
     assert!(
-        left.len() > blobs_before.len(),
-        "the killed receive left staged blobs behind"
+        left.len() < blobs_before.len() + files.len(),
+        "only part of the bundle was staged"
     );
-    assert!(left.len() < blobs_before.len() + files.len());
 
     // The mailbox is back. The next receive deletes the leftovers, then imports the bundle.
     budget.store(i64::MAX, Ordering::SeqCst);

@@ -20,6 +20,22 @@ pub struct PatientAttributes {
     pub birth_date: Option<String>,
     /// Patient's Sex (0010,0040).
     pub sex: Option<String>,
+    /// The items of Other Patient IDs Sequence (0010,1002) that carry an ID: national ids
+    /// (the BSN) and the patient's IDs at other institutions, indexed so that a patient can
+    /// be found by them.
+    pub other_ids: Vec<OtherPatientId>,
+}
+
+/// One item of Other Patient IDs Sequence (0010,1002).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OtherPatientId {
+    /// Patient ID (0010,0020) of the item.
+    pub id: String,
+    /// Issuer of Patient ID (0010,0021) of the item; empty when absent.
+    pub issuer: String,
+    /// Universal Entity ID (0040,0032) in the item's Issuer of Patient ID Qualifiers Sequence
+    /// (0010,0024), e.g. the BSN's OID; empty when absent.
+    pub universal_id: String,
 }
 
 /// Study-level attributes (PS3.4 §C.6.1.1.3, PS3.18 Table 10.6.1-5).
@@ -120,6 +136,7 @@ impl InstanceAttributes {
                 name: r.person_name(tags::PATIENT_NAME),
                 birth_date: r.text(tags::PATIENT_BIRTH_DATE),
                 sex: r.text(tags::PATIENT_SEX),
+                other_ids: r.other_ids(),
             },
             study: StudyAttributes {
                 study_uid: r.uid(tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?,
@@ -201,6 +218,48 @@ impl<'a> Reader<'a> {
         self.text(tag)?.split('\\').next()?.trim().parse().ok()
     }
 
+    /// The ID-carrying items of Other Patient IDs Sequence, in order, without repeats.
+    fn other_ids(&self) -> Vec<OtherPatientId> {
+        let Some(items) = self
+            .obj
+            .get(tags::OTHER_PATIENT_I_DS_SEQUENCE)
+            .and_then(|e| e.items())
+        else {
+            return Vec::new();
+        };
+        let mut out: Vec<OtherPatientId> = Vec::new();
+        for item in items {
+            let r = Reader {
+                obj: item,
+                charset: self.charset.clone(),
+            };
+            let Some(id) = r.text(tags::PATIENT_ID) else {
+                continue;
+            };
+            let universal_id = item
+                .get(tags::ISSUER_OF_PATIENT_ID_QUALIFIERS_SEQUENCE)
+                .and_then(|e| e.items())
+                .and_then(|q| q.first())
+                .and_then(|q| {
+                    Reader {
+                        obj: q,
+                        charset: self.charset.clone(),
+                    }
+                    .text(tags::UNIVERSAL_ENTITY_ID)
+                })
+                .unwrap_or_default();
+            let o = OtherPatientId {
+                id,
+                issuer: r.text(tags::ISSUER_OF_PATIENT_ID).unwrap_or_default(),
+                universal_id,
+            };
+            if !out.contains(&o) {
+                out.push(o);
+            }
+        }
+        out
+    }
+
     fn uid(&self, tag: Tag, name: &'static str) -> Result<Uid, AttrError> {
         let s = self.text(tag).ok_or(AttrError::Missing(name))?;
         Uid::new(&s).map_err(|source| AttrError::BadUid { name, source })
@@ -243,6 +302,59 @@ mod tests {
         put(&mut o, tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3");
         put(&mut o, tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.4");
         o
+    }
+
+    #[test]
+    fn other_patient_ids_are_extracted_with_their_issuers() {
+        let item = |id: &str, issuer: Option<&str>, oid: Option<&str>| {
+            let mut i = InMemDicomObject::new_empty();
+            put(&mut i, tags::PATIENT_ID, VR::LO, id);
+            if let Some(x) = issuer {
+                put(&mut i, tags::ISSUER_OF_PATIENT_ID, VR::LO, x);
+            }
+            if let Some(x) = oid {
+                let mut q = InMemDicomObject::new_empty();
+                put(&mut q, tags::UNIVERSAL_ENTITY_ID, VR::UT, x);
+                i.put(DataElement::new(
+                    tags::ISSUER_OF_PATIENT_ID_QUALIFIERS_SEQUENCE,
+                    VR::SQ,
+                    dicom_core::value::DataSetSequence::from(vec![q]),
+                ));
+            }
+            i
+        };
+        let mut o = minimal();
+        o.put(DataElement::new(
+            tags::OTHER_PATIENT_I_DS_SEQUENCE,
+            VR::SQ,
+            dicom_core::value::DataSetSequence::from(vec![
+                item("999911120 ", Some("NLMINBIZA"), None),
+                item("", Some("HOSPX"), None),
+                item("123", None, Some("2.16.840.1.113883.2.4.6.3")),
+                item("999911120", Some("NLMINBIZA"), None),
+            ]),
+        ));
+        let a = InstanceAttributes::from_dataset(&o).unwrap();
+        let ids: Vec<(&str, &str, &str)> = a
+            .patient
+            .other_ids
+            .iter()
+            .map(|x| (x.id.as_str(), x.issuer.as_str(), x.universal_id.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("999911120", "NLMINBIZA", ""),
+                ("123", "", "2.16.840.1.113883.2.4.6.3"),
+            ]
+        );
+        assert!(
+            InstanceAttributes::from_dataset(&minimal())
+                .unwrap()
+                .patient
+                .other_ids
+                .is_empty()
+        );
     }
 
     #[test]

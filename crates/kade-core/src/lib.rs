@@ -21,7 +21,9 @@ pub mod transcode;
 pub mod uid;
 
 pub use ae::AeTitle;
-pub use attrs::{InstanceAttributes, PatientAttributes, SeriesAttributes, StudyAttributes};
+pub use attrs::{
+    InstanceAttributes, OtherPatientId, PatientAttributes, SeriesAttributes, StudyAttributes,
+};
 pub use peer::{Peer, Permission};
 pub use uid::Uid;
 

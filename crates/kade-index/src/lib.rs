@@ -109,6 +109,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "mailbox chunk digest",
         include_str!("../../../migrations/sqlite/0008_mailbox_chunk_digest.sql"),
     ),
+    (
+        9,
+        "patient other ids",
+        include_str!("../../../migrations/sqlite/0009_patient_other_ids.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -150,6 +155,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         8,
         "mailbox chunk digest",
         include_str!("../../../migrations/postgres/0008_mailbox_chunk_digest.sql"),
+    ),
+    (
+        9,
+        "patient other ids",
+        include_str!("../../../migrations/postgres/0009_patient_other_ids.sql"),
     ),
 ];
 

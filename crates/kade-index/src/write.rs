@@ -69,6 +69,18 @@ pub async fn insert_instance(
     let a = rec.attrs;
     let now = crate::now();
     let patient = upsert_patient(tx, a, &now).await?;
+    for o in &a.patient.other_ids {
+        sqlx::query(
+            "INSERT INTO patient_other_ids (other_id, issuer, universal_id, patient_fk) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(&o.id)
+        .bind(&o.issuer)
+        .bind(&o.universal_id)
+        .bind(patient)
+        .execute(&mut *tx)
+        .await?;
+    }
     let (study, modalities) = upsert_study(tx, a, patient, &now).await?;
     let (series, new_series) = upsert_series(tx, a, study, &now).await?;
     let placement = Placement { study, series };
@@ -254,7 +266,9 @@ pub async fn insert_into_series_audited(
             "instance insert returned no id".into(),
         ))
     })?;
-    Ok(row.try_get(0)?)
+    let id = row.try_get(0)?;
+    other_ids_by_study(conn, rec, placement.study).await?;
+    Ok(id)
 }
 
 /// One instance of [`commit_batch_sqlite`].
@@ -300,6 +314,20 @@ pub async fn commit_batch_sqlite(
         sql.push_str("; ");
     }
     let n = items.len() * PER_ITEM;
+    // The Other Patient IDs items, once per study of the batch (its instances mostly repeat
+    // them), bound after the audit head.
+    let mut other_ids: Vec<(&kade_core::OtherPatientId, i64)> = Vec::new();
+    for it in items {
+        for o in &it.rec.attrs.patient.other_ids {
+            if !other_ids.contains(&(o, it.placement.study)) {
+                other_ids.push((o, it.placement.study));
+            }
+        }
+    }
+    for k in 0..other_ids.len() {
+        renumber(OTHER_ID_BY_STUDY, n + 2 + k * 4, &mut sql);
+        sql.push_str("; ");
+    }
     sql.push_str(&format!(
         "UPDATE audit_head SET seq = ${}, hash = ${} WHERE id = 1; COMMIT",
         n + 1,
@@ -313,7 +341,14 @@ pub async fn commit_batch_sqlite(
     for it in items {
         q = bind_item(q, &it.rec, it.placement, &it.audit, &now);
     }
-    let q = q.bind(head.0).bind(head.1);
+    let mut q = q.bind(head.0).bind(head.1);
+    for (o, study) in other_ids {
+        q = q
+            .bind(o.id.as_str())
+            .bind(o.issuer.as_str())
+            .bind(o.universal_id.as_str())
+            .bind(study);
+    }
     Ok(one_round_trip(conn, q, durable).await?.map(|rows| {
         // Every statement ran, so every row is committed: the ids are for information.
         rows.iter()
@@ -554,6 +589,29 @@ pub async fn find_instance(
         }),
         None => None,
     })
+}
+
+/// Records one Other Patient IDs item for the patient of study row `$4`.
+const OTHER_ID_BY_STUDY: &str = "INSERT INTO patient_other_ids (other_id, issuer, universal_id, \
+     patient_fk) SELECT $1, $2, $3, patient_fk FROM studies WHERE id = $4 ON CONFLICT DO NOTHING";
+
+/// Records the Other Patient IDs items of `rec` for the patient of its study (the fast paths,
+/// which do not touch the patient row).
+async fn other_ids_by_study(
+    conn: &mut AnyConnection,
+    rec: &NewInstance<'_>,
+    study: i64,
+) -> Result<(), IndexError> {
+    for o in &rec.attrs.patient.other_ids {
+        sqlx::query(OTHER_ID_BY_STUDY)
+            .bind(&o.id)
+            .bind(&o.issuer)
+            .bind(&o.universal_id)
+            .bind(study)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn upsert_patient(

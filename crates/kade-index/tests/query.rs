@@ -61,6 +61,7 @@ fn attrs(s: &Study, series: usize, modality: &str) -> InstanceAttributes {
             name: Some(s.name.into()),
             birth_date: None,
             sex: None,
+            other_ids: Vec::new(),
         },
         study: StudyAttributes {
             study_uid: u(s.uid.into()),

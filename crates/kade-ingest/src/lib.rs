@@ -116,11 +116,6 @@ impl Staged {
     pub fn summary(&self) -> &Summary {
         &self.summary
     }
-
-    /// The key of its blob in the store.
-    pub fn blob_key(&self) -> &str {
-        &self.rec.blob_key
-    }
 }
 
 /// How a prepared instance's blob was written.
@@ -199,7 +194,7 @@ impl Ingest {
     /// # Errors
     /// See [`IngestError`]; the archive is unchanged on error.
     pub async fn finish(&self, incoming: Incoming, source: &Source) -> Result<Stored, IngestError> {
-        match self.prepare(incoming, source, false).await? {
+        match self.prepare(incoming, source, None).await? {
             Prepared::Done(stored) => Ok(stored),
             Prepared::Staged(staged) => self.commit(staged, source).await,
         }
@@ -208,8 +203,10 @@ impl Ingest {
     /// Validates a completely received instance and writes its blob, but does not index it:
     /// until [`Ingest::commit_staged`], no query, retrieval or export sees it, and start-up
     /// recovery never indexes it. Whatever is not committed must be given to
-    /// [`Ingest::discard`] (a crash in between leaves an orphan blob for `kade fsck`). The
-    /// exchange stages a bundle's instances while its later chunks are still being verified.
+    /// [`Ingest::discard`]. `announce` is called with the blob's key just before the blob is
+    /// written, so that the caller can record it: a crash before the commit or the discard
+    /// leaves blobs that only such a record names (or `kade fsck` finds). The exchange stages
+    /// a bundle's instances while its later chunks are still being verified.
     ///
     /// # Errors
     /// See [`IngestError`]; the archive is unchanged on error.
@@ -217,8 +214,9 @@ impl Ingest {
         &self,
         incoming: Incoming,
         source: &Source,
+        announce: &(dyn Fn(&str) + Sync),
     ) -> Result<Prepared, IngestError> {
-        self.prepare(incoming, source, true).await
+        self.prepare(incoming, source, Some(announce)).await
     }
 
     /// Indexes staged instances: makes their blobs' names durable (one directory sync for
@@ -266,13 +264,13 @@ impl Ingest {
         self.discard_blob(&key).await;
     }
 
-    /// Validation, the blob, and the duplicate checks; `staged` writes the blob without a
-    /// journal marker (see [`Ingest::stage`]).
+    /// Validation, the blob, and the duplicate checks; `staged` (with its `announce`) writes
+    /// the blob without a journal marker (see [`Ingest::stage`]).
     async fn prepare(
         &self,
         incoming: Incoming,
         source: &Source,
-        staged: bool,
+        staged: Option<&(dyn Fn(&str) + Sync)>,
     ) -> Result<Prepared, IngestError> {
         let incoming::Complete {
             received,
@@ -321,7 +319,8 @@ impl Ingest {
             incoming::Received::File(f) => Payload::Spooled(f),
         };
         let put = async {
-            if staged {
+            if let Some(announce) = staged {
+                announce(key.as_str());
                 self.store.put_staged(&key, payload).await.map(Blob::Staged)
             } else {
                 self.store

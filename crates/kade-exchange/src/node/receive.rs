@@ -866,11 +866,9 @@ impl StageJob {
             }
         }
         drop((c, bytes));
-        match node.ingest.stage(incoming, &source).await {
-            Ok(Prepared::Staged(s)) => {
-                self.record.add(s.blob_key());
-                Pending::Staged(s)
-            }
+        let record = |key: &str| self.record.add(key);
+        match node.ingest.stage(incoming, &source, &record).await {
+            Ok(Prepared::Staged(s)) => Pending::Staged(s),
             Ok(Prepared::Done(Stored::New(_) | Stored::Replaced(_))) => {
                 Pending::Done(InstanceOutcome::Imported)
             }

@@ -8,8 +8,8 @@
 //! or several candidates, a demographic mismatch) sends the bundle to the reconciliation
 //! queue; nothing is merged automatically.
 //!
-//! Known limit: the Other Patient IDs search reads instance metadata with a `LIKE` on the
-//! national id, a scan that grows with the archive.
+//! The Other Patient IDs items are found through the index's `patient_other_ids` table (an
+//! index lookup), which ingest fills for every instance.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +19,6 @@ use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use sqlx::Row;
 
-use super::send::national_id;
 use crate::bundle::Patient;
 
 /// A local patient identity.
@@ -80,25 +79,19 @@ pub async fn decide(index: &kade_index::Index, p: &Patient) -> anyhow::Result<De
         );
     }
     let via_other = sqlx::query(
-        "SELECT DISTINCT p.patient_id, p.issuer, p.name, p.birth_date, m.json \
-         FROM instance_metadata m JOIN instances i ON i.id = m.instance_fk \
-         JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = se.study_fk \
-         JOIN patients p ON p.id = st.patient_fk WHERE m.json LIKE $1",
+        "SELECT DISTINCT p.patient_id, p.issuer, p.name, p.birth_date \
+         FROM patient_other_ids o JOIN patients p ON p.id = o.patient_fk \
+         WHERE o.other_id = $1 AND (o.issuer IN ('NLMINBIZA', $2) OR o.universal_id = $2)",
     )
-    .bind(format!("%\"{nid}\"%"))
+    .bind(nid)
+    .bind(crate::bundle::BSN_ISSUER_OID)
     .fetch_all(index.read_pool())
     .await?;
     for r in via_other {
-        let json: String = r.try_get(4)?;
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&json) else {
-            continue;
-        };
-        if national_id(&v).as_deref() == Some(nid) {
-            candidates.insert(
-                (r.try_get(0)?, r.try_get(1)?),
-                (r.try_get(2)?, r.try_get(3)?),
-            );
-        }
+        candidates.insert(
+            (r.try_get(0)?, r.try_get(1)?),
+            (r.try_get(2)?, r.try_get(3)?),
+        );
     }
     match candidates.len() {
         0 => Ok(Decision::Queue(

@@ -4,7 +4,7 @@
 //! chunks are still arriving, and indexed only after the last chunk verified (see
 //! [`super::receive`]). A receive that fails discards its staged blobs itself; one that is
 //! stopped (the process killed, the machine restarted) cannot. So each staged blob's key is
-//! appended to `DATA_DIR/exchange/staging/{bundle}.keys` as soon as it is written, and the
+//! appended to `DATA_DIR/exchange/staging/{bundle}.keys` just before it is written, and the
 //! record is removed once the bundle is committed or discarded. The next receive first deletes
 //! every recorded blob that no index row refers to, then the record.
 //!
