@@ -104,8 +104,15 @@ impl Mailbox {
                 url,
             ],
         );
+        self.enrol(&n, "enrolment.json");
+        n.spawn();
+        n
+    }
+
+    /// Enrols the hospital `n` (again) from its request.json and joins it.
+    fn enrol(&self, n: &Node, file: &str) {
         let request = n.data_dir().join("exchange/request.json");
-        let enrolment = n.dir.path().join("enrolment.json");
+        let enrolment = n.dir.path().join(file);
         ok(
             &self.node,
             &[
@@ -117,9 +124,7 @@ impl Mailbox {
                 enrolment.to_str().unwrap(),
             ],
         );
-        ok(&n, &["exchange", "join", enrolment.to_str().unwrap()]);
-        n.spawn();
-        n
+        ok(n, &["exchange", "join", enrolment.to_str().unwrap()]);
     }
 
     /// A client with a hospital's certificate (or none), trusting the mailbox CA.
@@ -1105,20 +1110,7 @@ async fn a_revoked_or_replaced_certificate_is_shut_out_on(backend: &Backend) {
     );
 
     // Enrolled again, A gets a new certificate; the old one stays shut out.
-    let request = a.data_dir().join("exchange/request.json");
-    let enrolment = a.dir.path().join("enrolment-2.json");
-    ok(
-        &mb.node,
-        &[
-            "mailbox",
-            "enroll",
-            "--request",
-            request.to_str().unwrap(),
-            "--out",
-            enrolment.to_str().unwrap(),
-        ],
-    );
-    ok(&a, &["exchange", "join", enrolment.to_str().unwrap()]);
+    mb.enrol(&a, "enrolment-2.json");
     assert_eq!(status(&old).await, 403, "the replaced certificate");
     assert_eq!(status(&mb.client(Some(&a))).await, 200, "the new one");
     let s2 = spec("A-1", None, Some(BSN), "19700101");

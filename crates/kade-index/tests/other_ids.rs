@@ -2,6 +2,8 @@
 //! migration 0009 fills them in from the metadata stored before it. SQLite, and PostgreSQL
 //! when KADE_TEST_PG_URL is set.
 
+mod common;
+
 use kade_core::{
     InstanceAttributes, OtherPatientId, PatientAttributes, SeriesAttributes, StudyAttributes, Uid,
 };
@@ -191,38 +193,10 @@ async fn suite(index: &Index) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn other_patient_ids_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let index = Index::open_sqlite(&dir.path().join("index.db"))
-        .await
-        .unwrap();
-    suite(&index).await;
+    common::on_sqlite(suite).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn other_patient_ids_on_postgres() {
-    let Ok(base) = std::env::var("KADE_TEST_PG_URL") else {
-        let msg = "PostgreSQL not configured: set KADE_TEST_PG_URL";
-        assert!(
-            std::env::var("KADE_TEST_REQUIRE_ALL").as_deref() != Ok("1"),
-            "{msg}"
-        );
-        eprintln!("SKIPPED: {msg}");
-        return;
-    };
-    let db = format!("kade_e2e_o{}", std::process::id());
-    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
-        .execute(&mut conn)
-        .await;
-    sqlx::query(&format!("CREATE DATABASE {db}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let (head, _) = base.rsplit_once('/').unwrap();
-    let index = Index::open(&format!("{head}/{db}")).await.unwrap();
-    suite(&index).await;
-    index.close().await;
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
-        .execute(&mut conn)
-        .await;
+    common::on_postgres("o", suite).await;
 }

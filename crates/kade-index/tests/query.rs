@@ -1,12 +1,13 @@
 //! The shared query model on SQLite, and on PostgreSQL when KADE_TEST_PG_URL is set.
 
+mod common;
+
 use kade_core::{InstanceAttributes, PatientAttributes, SeriesAttributes, StudyAttributes, Uid};
 use kade_index::{
     Index,
     query::{InstanceKey, LevelQuery, SeriesKey, StudyKey, StudyQuery},
     write::{NewInstance, insert_instance},
 };
-use sqlx::Connection;
 
 struct Study<'a> {
     uid: &'a str,
@@ -296,34 +297,10 @@ async fn lower_levels(index: &Index) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn study_matching_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let index = Index::open_sqlite(&dir.path().join("index.db"))
-        .await
-        .unwrap();
-    suite(&index).await;
+    common::on_sqlite(suite).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn study_matching_on_postgres() {
-    let Ok(base) = std::env::var("KADE_TEST_PG_URL") else {
-        let msg = "PostgreSQL not configured: set KADE_TEST_PG_URL";
-        assert!(
-            std::env::var("KADE_TEST_REQUIRE_ALL").as_deref() != Ok("1"),
-            "{msg}"
-        );
-        eprintln!("SKIPPED: {msg}");
-        return;
-    };
-    let db = format!("kade_e2e_q{}", std::process::id());
-    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db}"))
-        .execute(&mut conn)
-        .await;
-    sqlx::query(&format!("CREATE DATABASE {db}"))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let (head, _) = base.rsplit_once('/').unwrap();
-    let index = Index::open(&format!("{head}/{db}")).await.unwrap();
-    suite(&index).await;
+    common::on_postgres("q", suite).await;
 }
