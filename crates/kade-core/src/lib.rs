@@ -15,6 +15,7 @@ pub mod ae;
 pub mod attrs;
 pub mod charset;
 pub mod json;
+pub mod lockfile;
 pub mod part10;
 pub mod peer;
 pub mod transcode;

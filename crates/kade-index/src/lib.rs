@@ -20,7 +20,15 @@ pub mod query;
 pub mod read;
 pub mod write;
 
-use std::{borrow::Cow, path::Path, str::FromStr, sync::Arc, time::Duration};
+use std::{
+    borrow::Cow,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
+
+use kade_core::lockfile::FileLock;
 
 use sqlx::{
     Any, AnyConnection, AnyPool, Executor, Transaction,
@@ -163,6 +171,15 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
+/// The file of a `sqlite://PATH?…` (or `sqlite:PATH`) URL; `None` for an in-memory database.
+fn sqlite_file(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
 impl Index {
     /// Opens the index in the SQLite file at `path`, creating and migrating it if needed.
     ///
@@ -211,6 +228,19 @@ impl Index {
                     _alive: Arc::default(),
                 }
             }
+        };
+        // Two processes opening a new SQLite index at once (`kade serve` starting while a
+        // `kade` command runs) would both apply the same migration; sqlx locks migrations on
+        // PostgreSQL only. A lock file beside the database serialises them.
+        let _lock = match sqlite_file(url) {
+            Some(db) if backend == Backend::Sqlite => {
+                let path = PathBuf::from(format!("{db}.migrate-lock"));
+                let held = tokio::task::spawn_blocking(move || FileLock::acquire(&path))
+                    .await
+                    .map_err(|e| IndexError::Db(sqlx::Error::Protocol(e.to_string())))?;
+                Some(held.map_err(|e| IndexError::Db(sqlx::Error::Io(e)))?)
+            }
+            _ => None,
         };
         index.migrate().await?;
         Ok(index)

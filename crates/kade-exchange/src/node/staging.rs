@@ -19,62 +19,29 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
+use kade_core::lockfile::FileLock;
 use kade_index::Index;
 use kade_store::{BlobStore, StoreError};
 
 /// Held while a receive runs; dropping it releases the lock.
 #[derive(Debug)]
-pub(crate) struct ReceiveLock(#[allow(dead_code)] std::fs::File);
+pub(crate) struct ReceiveLock(#[allow(dead_code)] FileLock);
 
 /// Takes the node's receive lock, waiting for another process's receive to end.
 pub(crate) async fn receive_lock(work_dir: &Path) -> anyhow::Result<ReceiveLock> {
     let path = work_dir.join("receive.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    if try_lock(&file).with_context(|| format!("cannot lock {}", path.display()))? {
-        return Ok(ReceiveLock(file));
+    let cannot = |e| anyhow::Error::new(e).context(format!("cannot lock {}", path.display()));
+    if let Some(l) = FileLock::try_acquire(&path).map_err(cannot)? {
+        return Ok(ReceiveLock(l));
     }
     tracing::warn!(
         "another receive of this node is running (kade serve, or kade exchange receive); waiting for it to end"
     );
-    tokio::task::spawn_blocking(move || {
-        lock(&file).with_context(|| format!("cannot lock {}", path.display()))?;
-        Ok(ReceiveLock(file))
-    })
-    .await
-    .context("lock task")?
-}
-
-/// An exclusive flock(2); `Ok(false)` when another open file holds it.
-#[cfg(unix)]
-fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
-    use rustix::fs::{FlockOperation, flock};
-    match flock(file, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(true),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Waits for an exclusive flock(2).
-#[cfg(unix)]
-fn lock(file: &std::fs::File) -> std::io::Result<()> {
-    rustix::fs::flock(file, rustix::fs::FlockOperation::LockExclusive).map_err(Into::into)
-}
-
-/// Elsewhere receives are not serialised across processes.
-#[cfg(not(unix))]
-fn try_lock(_: &std::fs::File) -> std::io::Result<bool> {
-    Ok(true)
-}
-
-#[cfg(not(unix))]
-fn lock(_: &std::fs::File) -> std::io::Result<()> {
-    Ok(())
+    let p = path.clone();
+    let held = tokio::task::spawn_blocking(move || FileLock::acquire(&p))
+        .await
+        .context("lock task")?;
+    Ok(ReceiveLock(held.map_err(cannot)?))
 }
 
 fn staging_dir(work_dir: &Path) -> PathBuf {
@@ -182,11 +149,16 @@ mod tests {
     async fn one_receive_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let held = receive_lock(dir.path()).await.unwrap();
-        // Another open file of the lock, as another process would have.
-        let other = std::fs::File::open(dir.path().join("receive.lock")).unwrap();
-        assert!(!try_lock(&other).unwrap(), "taken while held");
+        let path = dir.path().join("receive.lock");
+        assert!(
+            FileLock::try_acquire(&path).unwrap().is_none(),
+            "taken while held"
+        );
         drop(held);
-        assert!(try_lock(&other).unwrap(), "free once released");
+        assert!(
+            FileLock::try_acquire(&path).unwrap().is_some(),
+            "free once released"
+        );
     }
 
     #[test]
