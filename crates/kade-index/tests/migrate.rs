@@ -13,7 +13,10 @@ async fn concurrent_opens_of_a_new_sqlite_index_all_succeed() {
             })
             .collect();
         for o in opens {
-            let index = o.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let index = o
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
             index.close().await;
         }
     }
