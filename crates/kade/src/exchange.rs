@@ -407,8 +407,30 @@ pub async fn exchange(cfg: &Config, cmd: ExchangeCommand) -> anyhow::Result<bool
             send(cfg, req, yes, json).await.map(|()| true)
         }
         ExchangeCommand::Receive { json } => {
-            let x = open(cfg).await?;
-            let reports = x.receive_all().await?;
+            let mut x = open(cfg).await?;
+            let pb = (std::io::stderr().is_terminal() && !json).then(|| {
+                let pb = indicatif::ProgressBar::new(0);
+                pb.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {pos}/{len} chunks {elapsed_precise}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                pb
+            });
+            if let Some(pb) = &pb {
+                let bar = pb.clone();
+                x = x.with_receive_progress(move |bundle, done, total| {
+                    bar.set_length(u64::from(total));
+                    bar.set_position(u64::from(done));
+                    bar.set_message(format!("receiving {bundle}"));
+                });
+            }
+            let reports = x.receive_all().await;
+            if let Some(pb) = pb {
+                pb.finish_and_clear();
+            }
+            let reports = reports?;
             if json {
                 println!("{}", serde_json::to_string(&reports)?);
             } else if reports.is_empty() {

@@ -95,9 +95,40 @@ pub struct ExchangeNode {
     pub audit: Audit,
     /// `DATA_DIR/exchange`.
     pub work_dir: PathBuf,
+    /// Told of every chunk a receive has verified.
+    receive_progress: Option<ReceiveProgress>,
+}
+
+/// Called with `(bundle id, chunks verified, chunks in all)` after each chunk a receive
+/// verified.
+type ProgressFn = dyn Fn(&str, u32, u32) + Send + Sync;
+
+/// A receive's progress reporter.
+#[derive(Clone)]
+pub struct ReceiveProgress(std::sync::Arc<ProgressFn>);
+
+impl std::fmt::Debug for ReceiveProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReceiveProgress")
+    }
 }
 
 impl ExchangeNode {
+    /// Reports the progress of every receive to `f` (`kade exchange receive` draws a bar).
+    pub fn with_receive_progress(
+        mut self,
+        f: impl Fn(&str, u32, u32) + Send + Sync + 'static,
+    ) -> Self {
+        self.receive_progress = Some(ReceiveProgress(std::sync::Arc::new(f)));
+        self
+    }
+
+    pub(crate) fn report_received(&self, bundle: &str, done: u32, total: u32) {
+        if let Some(p) = &self.receive_progress {
+            (p.0)(bundle, done, total);
+        }
+    }
+
     /// Opens the exchange side of the node whose data directory is `data_dir`.
     ///
     /// # Errors
@@ -143,6 +174,7 @@ impl ExchangeNode {
             ingest,
             audit,
             work_dir,
+            receive_progress: None,
         })
     }
 

@@ -909,6 +909,7 @@ struct Chunks<'o> {
     node: ExchangeNode,
     id: String,
     opener: ChunkOpener,
+    total: u32,
 }
 
 type Fetched = Result<anyhow::Result<crate::Result<DecryptedChunk>>, tokio::task::JoinError>;
@@ -936,6 +937,7 @@ impl<'o> Chunks<'o> {
             node: node.clone(),
             id: id.to_owned(),
             opener: opener.chunk_opener(),
+            total: manifest.total_chunks,
         })
     }
 
@@ -956,7 +958,10 @@ impl<'o> Chunks<'o> {
             }
             Err(e) => return Err(e.into()),
         };
-        Ok(Some(self.assembler.push_decrypted(chunk)?))
+        let opened = self.assembler.push_decrypted(chunk)?;
+        self.node
+            .report_received(&self.id, opened.index + 1, self.total);
+        Ok(Some(opened))
     }
 
     /// Checks that every chunk arrived and every instance verified.
