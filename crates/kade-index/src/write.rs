@@ -69,19 +69,8 @@ pub async fn insert_instance(
     let a = rec.attrs;
     let now = crate::now();
     let patient = upsert_patient(tx, a, &now).await?;
-    for o in &a.patient.other_ids {
-        sqlx::query(
-            "INSERT INTO patient_other_ids (other_id, issuer, universal_id, patient_fk) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(&o.id)
-        .bind(&o.issuer)
-        .bind(&o.universal_id)
-        .bind(patient)
-        .execute(&mut *tx)
-        .await?;
-    }
     let (study, modalities) = upsert_study(tx, a, patient, &now).await?;
+    other_ids_by_study(tx, rec, study).await?;
     let (series, new_series) = upsert_series(tx, a, study, &now).await?;
     let placement = Placement { study, series };
     let modalities = add_modality(&modalities, a.series.modality.as_deref());
@@ -595,8 +584,8 @@ pub async fn find_instance(
 const OTHER_ID_BY_STUDY: &str = "INSERT INTO patient_other_ids (other_id, issuer, universal_id, \
      patient_fk) SELECT $1, $2, $3, patient_fk FROM studies WHERE id = $4 ON CONFLICT DO NOTHING";
 
-/// Records the Other Patient IDs items of `rec` for the patient of its study (the fast paths,
-/// which do not touch the patient row).
+/// Records the Other Patient IDs items of `rec` for the patient of its study row (every insert
+/// path; the fast ones do not touch the patient row).
 async fn other_ids_by_study(
     conn: &mut AnyConnection,
     rec: &NewInstance<'_>,

@@ -189,6 +189,13 @@ async fn suite(index: &Index) {
             row("X9", "HOSPX", ""),
         ]
     );
+
+    // The full insert writes them too.
+    let a5 = attrs(5, vec![other("S5", "HOSPS")]);
+    let mut tx = index.begin_write().await.unwrap();
+    insert_instance(&mut tx, &rec(&a5, "{}")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert!(rows(index).await.contains(&row("S5", "HOSPS", "")));
 }
 
 #[tokio::test(flavor = "multi_thread")]

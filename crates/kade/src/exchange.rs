@@ -758,7 +758,7 @@ pub fn spawn_poller(cfg: &Config, node: &Node) -> anyhow::Result<bool> {
         // bundle is sealed after it, so a bundle is fetched moments after its seal.
         let mut seen = None;
         loop {
-            let notified = match x.wait_for_bundles(seen, every).await {
+            let notified = match x.client.wait_inbox(seen, every).await {
                 Ok(g) => {
                     seen = g;
                     g.is_some()

@@ -159,19 +159,6 @@ impl ExchangeNode {
         }
     }
 
-    /// Waits for the mailbox's notification of a sealed bundle: see
-    /// [`MailboxClient::wait_inbox`](super::client::MailboxClient::wait_inbox).
-    ///
-    /// # Errors
-    /// Transport errors or a refusal.
-    pub async fn wait_for_bundles(
-        &self,
-        seen: Option<u64>,
-        wait: std::time::Duration,
-    ) -> anyhow::Result<Option<u64>> {
-        self.client.wait_inbox(seen, wait).await
-    }
-
     /// Fetches and handles every sealed bundle waiting at the mailbox that this node has not
     /// handled yet.
     ///
