@@ -1,12 +1,16 @@
 //! QIDO-RS (PS3.18 §10.6): searches for studies, series and instances.
 //!
-//! Matching goes through [`kade_index::query`], the model C-FIND uses too, so both front ends
-//! match alike: PN case-insensitive, other strings case-sensitive, `*` and `?` (one character,
-//! also a non-ASCII one), UID lists, date ranges.
+//! Matching goes through [`kade_index::query`], the model C-FIND uses too: one table decides
+//! which attribute matches at which level and how (PN case-insensitive, other strings
+//! case-sensitive, `*` and `?` counting characters, UID lists separated by `,` or `\`, date
+//! and time ranges), and both front ends render matches from the same returned attributes.
 //!
 //! Query values are percent-decoded as UTF-8 (RFC 3986); `+` stands for a space, as browsers
-//! and HTTP libraries send it. A matching key this level does not support is ignored and named
-//! in a `Warning` header (PS3.18 §8.3.4.1); an unknown attribute name is a 400.
+//! and HTTP libraries send it. Keys of the levels above apply (`/series?PatientID=X`); an
+//! attribute Kade cannot match at this level, given with a value, is a 400 naming the keys it
+//! can match (never silently ignored); a parameter that is neither an attribute nor a query
+//! parameter of §8.3.4 (`_=1700000000`) is ignored as §8.3 requires, and named in a `Warning`
+//! header.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,7 +23,8 @@ use dicom_dictionary_std::StandardDataDictionary;
 use kade_audit::{EventKind, Outcome};
 use kade_auth::Action;
 use kade_index::query::{
-    InstanceKey, InstanceRow, LevelQuery, SeriesKey, SeriesRow, StudyKey, StudyQuery, StudyRow,
+    Attr, InstanceRow, Level, LevelQuery, Returned, SeriesRow, StudyRow, Value as RValue,
+    audit_text,
 };
 use serde_json::{Map, Value, json};
 
@@ -38,6 +43,9 @@ pub(crate) struct Params {
     /// Tags asked for with `includefield`.
     pub include: BTreeSet<String>,
     pub include_all: bool,
+    /// Parameters that are neither a query parameter of PS3.18 §8.3.4 nor an attribute:
+    /// ignored, as §8.3 requires, and named in a `Warning` header.
+    pub ignored: Vec<String>,
 }
 
 /// Percent-decodes one query component (`+` is a space).
@@ -97,69 +105,57 @@ pub(crate) fn parse(raw: Option<&str>) -> Result<Params, ApiError> {
             }
             // Accepted and without effect: Kade's matching is exact or wildcard.
             "fuzzymatching" => {}
-            _ => {
-                let t = tag_of(&key).ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "{key:?} is neither a DICOM keyword nor a tag, nor limit, offset, \
-                         includefield or fuzzymatching"
-                    ))
-                })?;
-                p.matches.push((t, value));
-            }
+            _ => match tag_of(&key) {
+                Some(t) => p.matches.push((t, value)),
+                // PS3.18 §8.3: an origin server "shall ignore" query parameters it does not
+                // support, e.g. the `_=…` cache-buster JavaScript clients add.
+                None => p.ignored.push(key),
+            },
         }
     }
     Ok(p)
 }
 
-fn study_key(tag: &str) -> Option<StudyKey> {
-    Some(match tag {
-        "00100010" => StudyKey::PatientName,
-        "00100020" => StudyKey::PatientId,
-        "00080020" => StudyKey::StudyDate,
-        "00080050" => StudyKey::AccessionNumber,
-        "0020000D" => StudyKey::StudyInstanceUid,
-        "00080061" => StudyKey::ModalitiesInStudy,
-        "00080090" => StudyKey::ReferringPhysicianName,
-        "00200010" => StudyKey::StudyId,
-        "00081030" => StudyKey::StudyDescription,
-        _ => return None,
-    })
+/// The tag `GGGGEEEE` (8 upper-case hex digits) as `(group, element)`.
+fn tag_pair(tag: &str) -> Option<(u16, u16)> {
+    Some((
+        u16::from_str_radix(tag.get(..4)?, 16).ok()?,
+        u16::from_str_radix(tag.get(4..)?, 16).ok()?,
+    ))
 }
 
-fn series_key(tag: &str) -> Option<SeriesKey> {
-    Some(match tag {
-        "0020000D" => SeriesKey::StudyInstanceUid,
-        "0020000E" => SeriesKey::SeriesInstanceUid,
-        "00080060" => SeriesKey::Modality,
-        "00200011" => SeriesKey::SeriesNumber,
-        "0008103E" => SeriesKey::SeriesDescription,
-        "00180015" => SeriesKey::BodyPartExamined,
-        _ => return None,
-    })
-}
-
-fn instance_key(tag: &str) -> Option<InstanceKey> {
-    Some(match tag {
-        "0020000D" => InstanceKey::StudyInstanceUid,
-        "0020000E" => InstanceKey::SeriesInstanceUid,
-        "00080018" => InstanceKey::SopInstanceUid,
-        "00080016" => InstanceKey::SopClassUid,
-        "00200013" => InstanceKey::InstanceNumber,
-        _ => return None,
-    })
-}
-
-/// Splits matches into supported keys and the tags ignored (for the Warning header).
-fn keys<K>(p: &Params, map: impl Fn(&str) -> Option<K>) -> (Vec<(K, String)>, Vec<String>) {
+/// The matching keys of a search at `level`, from the one table of [`kade_index::query`].
+/// An attribute that is not a matching key here, given with a value, is refused (400): Kade
+/// never answers as if it had applied a key it did not (PS3.18 §8.3.4). With an empty value
+/// it only asks for the attribute to be returned, which the response does where it can.
+fn keys(p: &Params, level: Level, resource: &str) -> Result<Vec<(Attr, String)>, ApiError> {
     let mut out = Vec::new();
-    let mut ignored = Vec::new();
     for (tag, v) in &p.matches {
-        match map(tag) {
-            Some(k) => out.push((k, v.clone())),
-            None => ignored.push(tag.clone()),
+        let attr = tag_pair(tag).and_then(|(g, e)| Attr::from_tag(g, e));
+        match attr {
+            Some(a) if a.matches_at(level) => out.push((a, v.clone())),
+            _ if v.trim().is_empty() || v.trim() == "*" => {}
+            _ => {
+                let supported: Vec<&str> = kade_index::query::attributes::all()
+                    .filter(|a| a.matches_at(level))
+                    .map(Attr::keyword)
+                    .collect();
+                return Err(ApiError::BadRequest(format!(
+                    "{} ({tag}) is not a matching key of {resource}: Kade matches on {}",
+                    keyword(tag),
+                    supported.join(", ")
+                )));
+            }
         }
     }
-    (out, ignored)
+    Ok(out)
+}
+
+/// The keyword of a tag for messages (`PatientAge`), or the tag itself.
+fn keyword(tag: &str) -> String {
+    tag_pair(tag)
+        .and_then(|(g, e)| StandardDataDictionary.by_tag(dicom_core::Tag(g, e)))
+        .map_or_else(|| tag.to_owned(), |e| e.alias().to_owned())
 }
 
 /// Validates a UID from a path (400 when malformed, before any use).
@@ -171,123 +167,67 @@ pub(crate) fn path_uid(what: &str, s: &str) -> Result<String, ApiError> {
 
 // ---- JSON building -------------------------------------------------------------------------
 
-fn put(m: &mut Map<String, Value>, tag: &str, vr: &str, v: Option<&str>) {
-    let el = match v.map(str::trim_end).filter(|s| !s.is_empty()) {
-        Some(s) => json!({ "vr": vr, "Value": [s] }),
-        None => json!({ "vr": vr }),
-    };
-    m.insert(tag.to_owned(), el);
+/// A match's attributes as DICOM JSON (PS3.18 §F.2), with its Retrieve URL.
+fn match_json(returned: Vec<Returned>, retrieve_url: String) -> Map<String, Value> {
+    let mut m = Map::new();
+    charset(&mut m);
+    for r in returned {
+        let tag = format!("{:04X}{:04X}", r.tag.0, r.tag.1);
+        let el = match (r.vr, r.value) {
+            (vr, RValue::Empty) => json!({ "vr": vr }),
+            ("PN", RValue::Text(s)) => json!({ "vr": "PN", "Value": [person_name(&s)] }),
+            (vr, RValue::Text(s)) => json!({ "vr": vr, "Value": [s] }),
+            (vr, RValue::Texts(v)) => json!({ "vr": vr, "Value": v }),
+            (vr, RValue::Int(n)) => json!({ "vr": vr, "Value": [n] }),
+        };
+        m.insert(tag, el);
+    }
+    m.insert(
+        "00081190".into(),
+        json!({ "vr": "UR", "Value": [retrieve_url] }),
+    );
+    m
 }
 
-fn put_int(m: &mut Map<String, Value>, tag: &str, vr: &str, v: Option<i64>) {
-    let el = match v {
-        Some(n) => json!({ "vr": vr, "Value": [n] }),
-        None => json!({ "vr": vr }),
-    };
-    m.insert(tag.to_owned(), el);
-}
-
-fn put_pn(m: &mut Map<String, Value>, tag: &str, v: Option<&str>) {
-    let el = match v.filter(|s| !s.is_empty()) {
-        Some(s) => {
-            let mut groups = s.splitn(3, '=');
-            let mut pn = Map::new();
-            for name in ["Alphabetic", "Ideographic", "Phonetic"] {
-                if let Some(g) = groups.next().filter(|g| !g.is_empty()) {
-                    pn.insert(name.to_owned(), Value::String(g.to_owned()));
-                }
-            }
-            json!({ "vr": "PN", "Value": [pn] })
+/// A person name in its DICOM form as the JSON object of PS3.18 §F.2.2.
+fn person_name(s: &str) -> Value {
+    let mut groups = s.splitn(3, '=');
+    let mut pn = Map::new();
+    for name in ["Alphabetic", "Ideographic", "Phonetic"] {
+        if let Some(g) = groups.next().filter(|g| !g.is_empty()) {
+            pn.insert(name.to_owned(), Value::String(g.to_owned()));
         }
-        None => json!({ "vr": "PN" }),
-    };
-    m.insert(tag.to_owned(), el);
+    }
+    Value::Object(pn)
 }
 
 fn charset(m: &mut Map<String, Value>) {
     // Every string Kade returns is UTF-8, whatever the stored instance used.
-    put(m, "00080005", "CS", Some("ISO_IR 192"));
+    m.insert(
+        "00080005".into(),
+        json!({ "vr": "CS", "Value": ["ISO_IR 192"] }),
+    );
 }
 
 fn study_json(r: &StudyRow, base: &str) -> Map<String, Value> {
-    let mut m = Map::new();
-    charset(&mut m);
-    put(&mut m, "00080020", "DA", r.study_date.as_deref());
-    put(&mut m, "00080030", "TM", r.study_time.as_deref());
-    put(&mut m, "00080050", "SH", r.accession_number.as_deref());
-    let mods: Vec<&str> = r.modalities.split('\\').filter(|s| !s.is_empty()).collect();
-    m.insert(
-        "00080061".into(),
-        if mods.is_empty() {
-            json!({ "vr": "CS" })
-        } else {
-            json!({ "vr": "CS", "Value": mods })
-        },
-    );
-    put_pn(&mut m, "00080090", r.referring_physician.as_deref());
-    put(&mut m, "00081030", "LO", r.description.as_deref());
-    put(
-        &mut m,
-        "00081190",
-        "UR",
-        Some(&format!("{base}/studies/{}", r.study_uid)),
-    );
-    put_pn(&mut m, "00100010", r.patient_name.as_deref());
-    put(&mut m, "00100020", "LO", Some(&r.patient_id));
-    put(&mut m, "00100021", "LO", Some(&r.issuer));
-    put(&mut m, "00100030", "DA", r.birth_date.as_deref());
-    put(&mut m, "00100040", "CS", r.sex.as_deref());
-    put(&mut m, "0020000D", "UI", Some(&r.study_uid));
-    put(&mut m, "00200010", "SH", r.study_id.as_deref());
-    put_int(&mut m, "00201206", "IS", Some(r.num_series));
-    put_int(&mut m, "00201208", "IS", Some(r.num_instances));
-    m
+    match_json(r.returned(), format!("{base}/studies/{}", r.study_uid))
 }
 
 fn series_json(r: &SeriesRow, base: &str) -> Map<String, Value> {
-    let mut m = Map::new();
-    charset(&mut m);
-    put(&mut m, "00080060", "CS", r.modality.as_deref());
-    put(&mut m, "0008103E", "LO", r.description.as_deref());
-    put(
-        &mut m,
-        "00081190",
-        "UR",
-        Some(&format!(
-            "{base}/studies/{}/series/{}",
-            r.study_uid, r.series_uid
-        )),
-    );
-    put(&mut m, "00180015", "CS", r.body_part.as_deref());
-    put(&mut m, "0020000D", "UI", Some(&r.study_uid));
-    put(&mut m, "0020000E", "UI", Some(&r.series_uid));
-    put_int(&mut m, "00200011", "IS", r.number);
-    put_int(&mut m, "00201209", "IS", Some(r.num_instances));
-    m
+    match_json(
+        r.returned(),
+        format!("{base}/studies/{}/series/{}", r.study_uid, r.series_uid),
+    )
 }
 
 fn instance_json(r: &InstanceRow, base: &str) -> Map<String, Value> {
-    let mut m = Map::new();
-    charset(&mut m);
-    put(&mut m, "00080016", "UI", Some(&r.sop_class_uid));
-    put(&mut m, "00080018", "UI", Some(&r.sop_uid));
-    put(&mut m, "00083002", "UI", Some(&r.transfer_syntax_uid));
-    put(
-        &mut m,
-        "00081190",
-        "UR",
-        Some(&format!(
+    match_json(
+        r.returned(),
+        format!(
             "{base}/studies/{}/series/{}/instances/{}",
             r.study_uid, r.series_uid, r.sop_uid
-        )),
-    );
-    put(&mut m, "0020000D", "UI", Some(&r.study_uid));
-    put(&mut m, "0020000E", "UI", Some(&r.series_uid));
-    put_int(&mut m, "00200013", "IS", r.number);
-    put_int(&mut m, "00280008", "IS", r.frames);
-    put_int(&mut m, "00280010", "US", r.rows);
-    put_int(&mut m, "00280011", "US", r.columns);
-    m
+        ),
+    )
 }
 
 /// Adds attributes asked for with `includefield` from the instance's stored DICOM JSON.
@@ -316,7 +256,7 @@ fn respond(rows: Vec<Map<String, Value>>, ignored: &[String]) -> Response {
     );
     if !ignored.is_empty() {
         let w = format!(
-            "299 kade \"not a matching key at this level, ignored: {}\"",
+            "299 kade \"unsupported query parameters ignored: {}\"",
             ignored.join(", ")
         );
         if let Ok(v) = HeaderValue::from_str(&w) {
@@ -328,44 +268,21 @@ fn respond(rows: Vec<Map<String, Value>>, ignored: &[String]) -> Response {
 
 // ---- handlers ------------------------------------------------------------------------------
 
-async fn audit_query(web: &Web, caller: &Caller, level: &str, raw: Option<&str>, n: usize) {
+async fn audit_query(web: &Web, caller: &Caller, level: &str, q: &LevelQuery, n: usize) {
+    let mut detail = format!("QIDO-RS {level}: {}", audit_text(&q.matches));
+    if q.offset > 0 {
+        detail.push_str(&format!(" offset={}", q.offset));
+    }
+    detail.push_str(&format!(" ({n} results)"));
     let mut ev = caller
         .event(EventKind::Query, Outcome::Success)
-        .detail(format!(
-            "QIDO-RS {level}?{} ({n} results)",
-            redact_names(raw.unwrap_or(""))
-        ));
+        .detail(detail);
     ev.study_uid = caller
         .principal
         .study
         .as_ref()
         .map(|u| u.as_str().to_owned());
     web.audit(ev).await;
-}
-
-/// The query string for the audit log, with person-name values replaced: names never enter
-/// the audit log.
-fn redact_names(raw: &str) -> String {
-    raw.split('&')
-        .map(|pair| {
-            let (k, _) = pair.split_once('=').unwrap_or((pair, ""));
-            let tag = decode(k).ok().and_then(|k| tag_of(&k));
-            let is_pn = tag.as_deref().is_some_and(|t| {
-                StandardDataDictionary
-                    .by_tag(dicom_core::Tag(
-                        u16::from_str_radix(&t[..4], 16).unwrap_or(0),
-                        u16::from_str_radix(&t[4..], 16).unwrap_or(0),
-                    ))
-                    .is_some_and(|e| format!("{:?}", e.vr()).contains("PN"))
-            });
-            if is_pn {
-                format!("{k}=(name)")
-            } else {
-                pair.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("&")
 }
 
 /// `GET /studies`.
@@ -386,11 +303,11 @@ async fn search_studies(
 ) -> Result<Response, ApiError> {
     caller.require(Action::Query)?;
     let p = parse(raw)?;
-    let (mut matches, ignored) = keys(&p, study_key);
+    let mut matches = keys(&p, Level::Study, "/studies")?;
     if let Some(s) = &caller.principal.study {
-        matches.push((StudyKey::StudyInstanceUid, s.as_str().to_owned()));
+        matches.push((Attr::StudyInstanceUid, s.as_str().to_owned()));
     }
-    let q = StudyQuery {
+    let q = LevelQuery {
         matches,
         limit: Some(p.limit.unwrap_or(MAX_RESULTS)),
         offset: p.offset,
@@ -398,8 +315,8 @@ async fn search_studies(
     let rows = web.index.find_studies(&q).await??;
     let base = web.base_url(headers);
     let out: Vec<_> = rows.iter().map(|r| study_json(r, &base)).collect();
-    audit_query(web, caller, "studies", raw, out.len()).await;
-    Ok(respond(out, &ignored))
+    audit_query(web, caller, "studies", &q, out.len()).await;
+    Ok(respond(out, &p.ignored))
 }
 
 async fn search_series(
@@ -411,15 +328,15 @@ async fn search_series(
 ) -> Result<Response, ApiError> {
     caller.require(Action::Query)?;
     let p = parse(raw)?;
-    let (mut matches, ignored) = keys(&p, series_key);
+    let mut matches = keys(&p, Level::Series, "series")?;
     if let Some(st) = study {
         if !caller.principal.may_see_study(&st) {
             return Err(ApiError::NotFound("no such study".into()));
         }
-        matches.push((SeriesKey::StudyInstanceUid, st));
+        matches.push((Attr::StudyInstanceUid, st));
     }
     if let Some(s) = &caller.principal.study {
-        matches.push((SeriesKey::StudyInstanceUid, s.as_str().to_owned()));
+        matches.push((Attr::StudyInstanceUid, s.as_str().to_owned()));
     }
     let q = LevelQuery {
         matches,
@@ -429,8 +346,8 @@ async fn search_series(
     let rows = web.index.find_series(&q).await??;
     let base = web.base_url(headers);
     let out: Vec<_> = rows.iter().map(|r| series_json(r, &base)).collect();
-    audit_query(web, caller, "series", raw, out.len()).await;
-    Ok(respond(out, &ignored))
+    audit_query(web, caller, "series", &q, out.len()).await;
+    Ok(respond(out, &p.ignored))
 }
 
 async fn search_instances(
@@ -443,18 +360,18 @@ async fn search_instances(
 ) -> Result<Response, ApiError> {
     caller.require(Action::Query)?;
     let p = parse(raw)?;
-    let (mut matches, ignored) = keys(&p, instance_key);
+    let mut matches = keys(&p, Level::Instance, "instances")?;
     if let Some(st) = study {
         if !caller.principal.may_see_study(&st) {
             return Err(ApiError::NotFound("no such study".into()));
         }
-        matches.push((InstanceKey::StudyInstanceUid, st));
+        matches.push((Attr::StudyInstanceUid, st));
     }
     if let Some(se) = series {
-        matches.push((InstanceKey::SeriesInstanceUid, se));
+        matches.push((Attr::SeriesInstanceUid, se));
     }
     if let Some(s) = &caller.principal.study {
-        matches.push((InstanceKey::StudyInstanceUid, s.as_str().to_owned()));
+        matches.push((Attr::StudyInstanceUid, s.as_str().to_owned()));
     }
     let q = LevelQuery {
         matches,
@@ -473,8 +390,8 @@ async fn search_instances(
         }
         out.push(m);
     }
-    audit_query(web, caller, "instances", raw, out.len()).await;
-    Ok(respond(out, &ignored))
+    audit_query(web, caller, "instances", &q, out.len()).await;
+    Ok(respond(out, &p.ignored))
 }
 
 /// `GET /series`.
@@ -560,15 +477,24 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_are_refused() {
-        assert!(parse(Some("NoSuchAttribute=1")).is_err());
+    fn unknown_parameters_are_ignored_and_bad_values_refused() {
+        let p = parse(Some("_=1700000000&PATIENTID=12345&PatientID=7")).unwrap();
+        assert_eq!(p.ignored, ["_", "PATIENTID"]);
+        assert_eq!(p.matches, vec![("00100020".into(), "7".into())]);
         assert!(parse(Some("limit=abc")).is_err());
         assert!(parse(Some("offset=-1")).is_err());
     }
 
     #[test]
-    fn names_are_redacted_for_the_audit_log() {
-        let r = redact_names("PatientName=Doe*&PatientID=123&00100010=X");
-        assert_eq!(r, "PatientName=(name)&PatientID=123&00100010=(name)");
+    fn attributes_that_are_not_keys_here_are_refused() {
+        let p = parse(Some("PatientID=7&Modality=CT&PatientAge=")).unwrap();
+        assert_eq!(keys(&p, Level::Series, "series").unwrap().len(), 2);
+        let e = keys(&p, Level::Study, "/studies").unwrap_err();
+        assert!(
+            matches!(&e, ApiError::BadRequest(m) if m.contains("Modality")),
+            "{e:?}"
+        );
+        let age = parse(Some("PatientAge=045Y")).unwrap();
+        assert!(keys(&age, Level::Study, "/studies").is_err());
     }
 }

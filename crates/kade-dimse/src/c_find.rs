@@ -1,5 +1,8 @@
-//! C-FIND SCP (PS3.4 Annex C): Patient Root and Study Root information models at STUDY,
-//! SERIES and IMAGE level, answered from the index's shared query model ([`kade_index::query`]).
+//! C-FIND SCP (PS3.4 Annex C): Patient Root (PATIENT, STUDY, SERIES, IMAGE) and Study Root
+//! (STUDY, SERIES, IMAGE) information models, answered from the index's shared query model
+//! ([`kade_index::query`]): the same table of matching keys and the same returned attributes
+//! as QIDO-RS. A key of the query level or of a level above it is matched (a SERIES query may
+//! name its patient); any other attribute in the identifier is a return key.
 
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR, header::Header};
 use dicom_dictionary_std::tags;
@@ -7,7 +10,7 @@ use dicom_encoding::transfer_syntax::{TransferSyntax, TransferSyntaxIndex};
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use kade_index::Index;
-use kade_index::query::{InstanceKey, LevelQuery, SeriesKey, StudyKey, StudyQuery, StudyRow};
+use kade_index::query::{Attr, Level, LevelQuery, Returned, audit_text};
 
 use crate::command::{Response, field};
 use crate::status::Status;
@@ -49,16 +52,18 @@ impl Limits {
     }
 }
 
-/// Whether a query names a patient, a study or a date range: a Patient ID, Study Instance UID
-/// or Accession Number without wildcards, a Patient's Name not starting with a wildcard, or a
-/// Study Date.
-fn is_narrow(matches: &[(StudyKey, String)]) -> bool {
+/// Whether a query names a patient, a study or a date range: a Patient ID, Study, Series or
+/// SOP Instance UID or Accession Number without wildcards, a Patient's Name not starting with
+/// a wildcard, or a Study Date or Patient's Birth Date.
+fn is_narrow(matches: &[(Attr, String)]) -> bool {
     matches.iter().any(|(k, v)| match k {
-        StudyKey::PatientId | StudyKey::StudyInstanceUid | StudyKey::AccessionNumber => {
-            !v.contains(['*', '?'])
-        }
-        StudyKey::PatientName => !v.starts_with(['*', '?']),
-        StudyKey::StudyDate => true,
+        Attr::PatientId
+        | Attr::StudyInstanceUid
+        | Attr::SeriesInstanceUid
+        | Attr::SopInstanceUid
+        | Attr::AccessionNumber => !v.contains(['*', '?']),
+        Attr::PatientName => !v.trim_start().starts_with(['*', '?']),
+        Attr::StudyDate | Attr::PatientBirthDate => true,
         _ => false,
     })
 }
@@ -67,21 +72,6 @@ fn is_narrow(matches: &[(StudyKey, String)]) -> bool {
 pub fn is_find_sop_class(uid: &str) -> bool {
     uid == PATIENT_ROOT_FIND || uid == STUDY_ROOT_FIND
 }
-
-/// Matching keys Kade evaluates at STUDY level, with the query-model key they map to.
-const MATCH_KEYS: &[(Tag, StudyKey)] = &[
-    (tags::PATIENT_NAME, StudyKey::PatientName),
-    (tags::PATIENT_ID, StudyKey::PatientId),
-    (tags::STUDY_DATE, StudyKey::StudyDate),
-    (tags::ACCESSION_NUMBER, StudyKey::AccessionNumber),
-    (tags::STUDY_INSTANCE_UID, StudyKey::StudyInstanceUid),
-    (tags::MODALITIES_IN_STUDY, StudyKey::ModalitiesInStudy),
-    (
-        tags::REFERRING_PHYSICIAN_NAME,
-        StudyKey::ReferringPhysicianName,
-    ),
-    (tags::STUDY_ID, StudyKey::StudyId),
-];
 
 /// The answer to one C-FIND-RQ: pending responses with their identifiers, then the final one.
 #[derive(Debug)]
@@ -293,24 +283,22 @@ pub async fn run(
         );
     };
     let level = text(&req, tags::QUERY_RETRIEVE_LEVEL).unwrap_or_default();
-    let mut keys = vec![format!("level={level}")];
-    let found = match level.as_str() {
-        "PATIENT" if sop_class == PATIENT_ROOT_FIND => {
-            patient_level(index, &req, &mut keys, limits).await
-        }
-        "PATIENT" => Err((
+    let matches = Level::from_dicom(&level).map(|l| matching(&req, l));
+    let keys = match &matches {
+        Some(m) if !m.is_empty() => format!("level={level} {}", audit_text(m)),
+        _ => format!("level={level}"),
+    };
+    let found = match (Level::from_dicom(&level), matches) {
+        (Some(Level::Patient), _) if sop_class != PATIENT_ROOT_FIND => Err((
             Status::IdentifierDoesNotMatch,
             "the Study Root model has no PATIENT level: use Patient Root".to_owned(),
         )),
-        "STUDY" => study_level(index, &req, &mut keys, limits).await,
-        "SERIES" => series_level(index, &req, &mut keys, limits).await,
-        "IMAGE" => image_level(index, &req, &mut keys, limits).await,
+        (Some(level), Some(matches)) => find(index, level, matches, limits).await,
         _ => Err((
             Status::UnableToProcess,
             "unknown query level (PATIENT, STUDY, SERIES and IMAGE are served)".to_owned(),
         )),
     };
-    let keys = keys.join(" ");
     let mut rows = match found {
         Ok(rows) => rows,
         Err((status, why)) => return fail(status, &why, keys),
@@ -349,23 +337,21 @@ fn text(req: &InMemDicomObject, tag: Tag) -> Option<String> {
         .map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
 }
 
-/// The non-empty matching keys of `req` among `wanted`, noted in `keys` for the audit log.
-fn matching<K: Copy + std::fmt::Debug>(
-    req: &InMemDicomObject,
-    wanted: &[(Tag, K)],
-    keys: &mut Vec<String>,
-) -> Vec<(K, String)> {
+/// The non-empty matching keys of `req` at `level`, from the one table of
+/// [`kade_index::query`]: the attributes of the level and of the levels above. Other
+/// attributes are return keys only.
+fn matching(req: &InMemDicomObject, level: Level) -> Vec<(Attr, String)> {
     let mut out = Vec::new();
-    for (tag, key) in wanted {
-        if let Some(v) = text(req, *tag).filter(|v| !v.is_empty()) {
-            let name = format!("{key:?}");
-            let shown = if name.ends_with("Name") {
-                "(name)".to_owned()
-            } else {
-                v.clone()
-            };
-            keys.push(format!("{name}={shown}"));
-            out.push((*key, v));
+    for e in req.iter() {
+        let tag = e.tag();
+        let Some(attr) = Attr::from_tag(tag.group(), tag.element()) else {
+            continue;
+        };
+        if !attr.matches_at(level) {
+            continue;
+        }
+        if let Some(v) = text(req, tag).filter(|v| !v.is_empty()) {
+            out.push((attr, v));
         }
     }
     out
@@ -376,221 +362,63 @@ fn db_failure<E: std::fmt::Display>(e: E) -> (Status, String) {
     (Status::UnableToProcess, "index query failed".to_owned())
 }
 
-async fn patient_level(
-    index: &Index,
-    req: &InMemDicomObject,
-    keys: &mut Vec<String>,
-    limits: Limits,
-) -> Found {
-    use kade_index::query::{LevelQuery, PatientKey};
-    let matches = matching(
-        req,
-        &[
-            (tags::PATIENT_NAME, PatientKey::PatientName),
-            (tags::PATIENT_ID, PatientKey::PatientId),
-            (tags::ISSUER_OF_PATIENT_ID, PatientKey::IssuerOfPatientId),
-            (tags::PATIENT_BIRTH_DATE, PatientKey::PatientBirthDate),
-            (tags::PATIENT_SEX, PatientKey::PatientSex),
-        ],
-        keys,
-    );
-    let narrow = matches.iter().any(|(k, v)| {
-        matches!(k, PatientKey::PatientId | PatientKey::PatientBirthDate)
-            || (*k == PatientKey::PatientName && !v.trim_start().starts_with(['*', '?']))
-    });
-    if limits.narrow_queries && !narrow {
-        return Err((
-            Status::UnableToProcess,
-            "query too broad: name a patient, a study or a date range".to_owned(),
-        ));
-    }
-    let rows = index
-        .find_patients(&LevelQuery {
-            matches,
-            limit: Some(i64::from(limits.max_matches) + 1),
-            offset: 0,
-        })
-        .await
-        .map_err(db_failure)?
-        .map_err(|e| (Status::IdentifierDoesNotMatch, e.to_string()))?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let mut v = vec![
-                (tags::PATIENT_ID, r.patient_id.clone()),
-                (tags::ISSUER_OF_PATIENT_ID, r.issuer.clone()),
-                (
-                    tags::NUMBER_OF_PATIENT_RELATED_STUDIES,
-                    r.num_studies.to_string(),
-                ),
-                (
-                    tags::NUMBER_OF_PATIENT_RELATED_SERIES,
-                    r.num_series.to_string(),
-                ),
-                (
-                    tags::NUMBER_OF_PATIENT_RELATED_INSTANCES,
-                    r.num_instances.to_string(),
-                ),
-            ];
-            let opt = [
-                (tags::PATIENT_NAME, &r.name),
-                (tags::PATIENT_BIRTH_DATE, &r.birth_date),
-                (tags::PATIENT_SEX, &r.sex),
-            ];
-            v.extend(opt.into_iter().filter_map(|(t, x)| Some((t, x.clone()?))));
-            v
-        })
-        .collect())
+/// The returned attributes of a match as identifier values.
+fn values(returned: Vec<Returned>) -> Values {
+    returned
+        .into_iter()
+        .map(|r| (Tag(r.tag.0, r.tag.1), r.value.to_dicom()))
+        .collect()
 }
 
-async fn study_level(
-    index: &Index,
-    req: &InMemDicomObject,
-    keys: &mut Vec<String>,
-    limits: Limits,
-) -> Found {
-    let matches = matching(req, MATCH_KEYS, keys);
+/// Runs the query of `level` with `matches`; one match more than the peer's limit is asked
+/// for, to tell a full answer from a cut one.
+async fn find(index: &Index, level: Level, matches: Vec<(Attr, String)>, limits: Limits) -> Found {
     if limits.narrow_queries && !is_narrow(&matches) {
         return Err((
             Status::UnableToProcess,
             "query too broad: name a patient, a study or a date range".to_owned(),
         ));
     }
-    let query = StudyQuery {
+    let q = LevelQuery {
         matches,
         limit: Some(i64::from(limits.max_matches) + 1),
         offset: 0,
     };
-    let rows = index
-        .find_studies(&query)
-        .await
-        .map_err(db_failure)?
-        .map_err(|e| (Status::IdentifierDoesNotMatch, e.to_string()))?;
-    Ok(rows.iter().map(study_values).collect())
-}
-
-async fn series_level(
-    index: &Index,
-    req: &InMemDicomObject,
-    keys: &mut Vec<String>,
-    limits: Limits,
-) -> Found {
-    const WANTED: &[(Tag, SeriesKey)] = &[
-        (tags::STUDY_INSTANCE_UID, SeriesKey::StudyInstanceUid),
-        (tags::SERIES_INSTANCE_UID, SeriesKey::SeriesInstanceUid),
-        (tags::MODALITY, SeriesKey::Modality),
-        (tags::SERIES_NUMBER, SeriesKey::SeriesNumber),
-        (tags::SERIES_DESCRIPTION, SeriesKey::SeriesDescription),
-        (tags::BODY_PART_EXAMINED, SeriesKey::BodyPartExamined),
-    ];
-    let query = LevelQuery {
-        matches: matching(req, WANTED, keys),
-        limit: Some(i64::from(limits.max_matches) + 1),
-        offset: 0,
-    };
-    let rows = index
-        .find_series(&query)
-        .await
-        .map_err(db_failure)?
-        .map_err(|e| (Status::IdentifierDoesNotMatch, e.to_string()))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let mut v = vec![
-                (tags::STUDY_INSTANCE_UID, r.study_uid),
-                (tags::SERIES_INSTANCE_UID, r.series_uid),
-                (
-                    tags::NUMBER_OF_SERIES_RELATED_INSTANCES,
-                    r.num_instances.to_string(),
-                ),
-            ];
-            let opt = [
-                (tags::MODALITY, r.modality),
-                (tags::SERIES_NUMBER, r.number.map(|n| n.to_string())),
-                (tags::SERIES_DESCRIPTION, r.description),
-                (tags::BODY_PART_EXAMINED, r.body_part),
-            ];
-            v.extend(opt.into_iter().filter_map(|(t, x)| Some((t, x?))));
-            v
-        })
-        .collect())
-}
-
-async fn image_level(
-    index: &Index,
-    req: &InMemDicomObject,
-    keys: &mut Vec<String>,
-    limits: Limits,
-) -> Found {
-    const WANTED: &[(Tag, InstanceKey)] = &[
-        (tags::STUDY_INSTANCE_UID, InstanceKey::StudyInstanceUid),
-        (tags::SERIES_INSTANCE_UID, InstanceKey::SeriesInstanceUid),
-        (tags::SOP_INSTANCE_UID, InstanceKey::SopInstanceUid),
-        (tags::SOP_CLASS_UID, InstanceKey::SopClassUid),
-        (tags::INSTANCE_NUMBER, InstanceKey::InstanceNumber),
-    ];
-    let query = LevelQuery {
-        matches: matching(req, WANTED, keys),
-        limit: Some(i64::from(limits.max_matches) + 1),
-        offset: 0,
-    };
-    let rows = index
-        .find_instances(&query)
-        .await
-        .map_err(db_failure)?
-        .map_err(|e| (Status::IdentifierDoesNotMatch, e.to_string()))?;
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            let mut v = vec![
-                (tags::STUDY_INSTANCE_UID, r.study_uid),
-                (tags::SERIES_INSTANCE_UID, r.series_uid),
-                (tags::SOP_INSTANCE_UID, r.sop_uid),
-                (tags::SOP_CLASS_UID, r.sop_class_uid),
-            ];
-            let opt = [
-                (tags::INSTANCE_NUMBER, r.number),
-                (tags::ROWS, r.rows),
-                (tags::COLUMNS, r.columns),
-                (tags::NUMBER_OF_FRAMES, r.frames),
-            ];
-            v.extend(
-                opt.into_iter()
-                    .filter_map(|(t, x)| Some((t, x?.to_string()))),
-            );
-            v
-        })
-        .collect())
-}
-
-fn study_values(row: &StudyRow) -> Values {
-    let mut v = vec![
-        (tags::PATIENT_ID, row.patient_id.clone()),
-        (tags::ISSUER_OF_PATIENT_ID, row.issuer.clone()),
-        (tags::STUDY_INSTANCE_UID, row.study_uid.clone()),
-        (tags::MODALITIES_IN_STUDY, row.modalities.clone()),
-        (
-            tags::NUMBER_OF_STUDY_RELATED_SERIES,
-            row.num_series.to_string(),
-        ),
-        (
-            tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
-            row.num_instances.to_string(),
-        ),
-    ];
-    let opt = [
-        (tags::PATIENT_NAME, &row.patient_name),
-        (tags::PATIENT_BIRTH_DATE, &row.birth_date),
-        (tags::PATIENT_SEX, &row.sex),
-        (tags::STUDY_DATE, &row.study_date),
-        (tags::STUDY_TIME, &row.study_time),
-        (tags::ACCESSION_NUMBER, &row.accession_number),
-        (tags::REFERRING_PHYSICIAN_NAME, &row.referring_physician),
-        (tags::STUDY_DESCRIPTION, &row.description),
-        (tags::STUDY_ID, &row.study_id),
-    ];
-    v.extend(opt.into_iter().filter_map(|(t, x)| Some((t, x.clone()?))));
-    v
+    let bad = |e: kade_index::query::QueryError| (Status::IdentifierDoesNotMatch, e.to_string());
+    Ok(match level {
+        Level::Patient => index
+            .find_patients(&q)
+            .await
+            .map_err(db_failure)?
+            .map_err(bad)?
+            .iter()
+            .map(|r| values(r.returned()))
+            .collect(),
+        Level::Study => index
+            .find_studies(&q)
+            .await
+            .map_err(db_failure)?
+            .map_err(bad)?
+            .iter()
+            .map(|r| values(r.returned()))
+            .collect(),
+        Level::Series => index
+            .find_series(&q)
+            .await
+            .map_err(db_failure)?
+            .map_err(bad)?
+            .iter()
+            .map(|r| values(r.returned()))
+            .collect(),
+        Level::Instance => index
+            .find_instances(&q)
+            .await
+            .map_err(db_failure)?
+            .map_err(bad)?
+            .iter()
+            .map(|r| values(r.returned()))
+            .collect(),
+    })
 }
 
 /// The response identifier: every key the request asked for, with this match's value

@@ -5,7 +5,7 @@ mod common;
 use kade_core::{InstanceAttributes, PatientAttributes, SeriesAttributes, StudyAttributes, Uid};
 use kade_index::{
     Index,
-    query::{InstanceKey, LevelQuery, SeriesKey, StudyKey, StudyQuery},
+    query::{Attr, InstanceKey, LevelQuery, SeriesKey, StudyQuery},
     write::{NewInstance, insert_instance},
 };
 
@@ -70,7 +70,7 @@ fn attrs(s: &Study, series: usize, modality: &str) -> InstanceAttributes {
             time: None,
             accession_number: Some(s.accession.into()),
             referring_physician: None,
-            description: None,
+            description: Some(format!("Thorax {}", s.patient_id)),
             study_id: None,
             timezone_offset: None,
         },
@@ -116,7 +116,7 @@ async fn fill(index: &Index) {
     tx.commit().await.unwrap();
 }
 
-async fn uids(index: &Index, matches: &[(StudyKey, &str)]) -> Vec<String> {
+async fn uids(index: &Index, matches: &[(Attr, &str)]) -> Vec<String> {
     let q = StudyQuery {
         matches: matches.iter().map(|(k, v)| (*k, v.to_string())).collect(),
         limit: None,
@@ -136,7 +136,7 @@ async fn uids(index: &Index, matches: &[(StudyKey, &str)]) -> Vec<String> {
 
 async fn suite(index: &Index) {
     fill(index).await;
-    use StudyKey::*;
+    use Attr::*;
     // `?` matches exactly one character, a non-ASCII one too; names match case-insensitively.
     assert_eq!(
         uids(index, &[(PatientName, "m?ller*")]).await,
@@ -174,6 +174,38 @@ async fn suite(index: &Index) {
     assert_eq!(
         uids(index, &[(ModalitiesInStudy, "CT"), (PatientName, "m*")]).await,
         ["1.1", "1.4"]
+    );
+    // UID lists separated by commas (PS3.18 8.3.4.1) as well as backslashes.
+    assert_eq!(
+        uids(index, &[(StudyInstanceUid, "1.1,1.4")]).await,
+        ["1.1", "1.4"]
+    );
+    // Study Description: wildcards, `?`, and case-sensitive (PS3.4 C.2.2.2.1).
+    assert_eq!(
+        uids(index, &[(StudyDescription, "*X*")]).await,
+        ["1.3", "1.4"]
+    );
+    assert_eq!(
+        uids(index, &[(StudyDescription, "Thorax ?3")]).await,
+        ["1.3"]
+    );
+    assert_eq!(
+        uids(index, &[(StudyDescription, "thorax*")]).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        uids(index, &[(StudyDescription, "Thorax abc2")]).await,
+        ["1.2"]
+    );
+    // A key of a lower level is refused at study level, not ignored.
+    let below = StudyQuery {
+        matches: vec![(Modality, "CT".into())],
+        limit: None,
+        offset: 0,
+    };
+    assert_eq!(
+        index.find_studies(&below).await.unwrap().unwrap_err().key,
+        "Modality"
     );
     // Derived attributes.
     let q = StudyQuery {
@@ -293,6 +325,49 @@ async fn lower_levels(index: &Index) {
         .map(|i| i.sop_uid)
         .collect();
     assert_eq!(sops, ["1.1.1.1", "1.4.1.1"]);
+
+    // Keys of the levels above apply at series and instance level (PS3.18 8.3.4).
+    let of_patient = index
+        .find_series(&level(vec![(Attr::PatientId, "abc2")]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(uids(of_patient), ["1.2.1", "1.2.2"]);
+    let mr_2020 = index
+        .find_series(&level(vec![
+            (Attr::StudyDate, "20200101-20201231"),
+            (Attr::Modality, "MR"),
+        ]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(uids(mr_2020), ["1.2.1"]);
+    let ct_in_study = index
+        .find_series(&level(vec![(Attr::ModalitiesInStudy, "SR")]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(uids(ct_in_study), ["1.2.1", "1.2.2"]);
+    let sops: Vec<_> = index
+        .find_instances(&level(vec![
+            (Attr::PatientName, "m*ller*"),
+            (Attr::Modality, "CT"),
+        ]))
+        .await
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.sop_uid)
+        .collect();
+    assert_eq!(sops, ["1.1.1.1", "1.4.1.1"]);
+    assert!(
+        index
+            .find_patients(&level(vec![(Attr::StudyDate, "20200101")]))
+            .await
+            .unwrap()
+            .is_err(),
+        "a study key at patient level is refused"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
