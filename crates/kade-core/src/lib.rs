@@ -6,7 +6,8 @@
 //! - [`attrs`]: [`InstanceAttributes`], the attribute set of one instance that the index stores,
 //!   extracted from a parsed dataset, and [`attrs::search_key`] for case-insensitive name matching.
 //! - [`json`]: the instance's DICOM JSON (PS3.18 §F.2) without bulk data, for WADO-RS metadata.
-//! - [`charset`]: decoding of text that arrived with the wrong VR (UN) using the dataset's charset.
+//! - [`charset`]: text decoding by Specific Character Set, ISO 2022 code extensions included
+//!   ([`charset::decode_code_extensions`] repairs what dicom-rs parsed), and of text with VR UN.
 //! - [`part10`]: where the data set of a Part 10 object begins.
 //! - [`peer`]: [`Peer`] and [`Permission`], the DIMSE peer allow-list entries.
 //! - [`transcode`]: re-encoding between the native transfer syntaxes (no codec).
