@@ -2,9 +2,14 @@
 //!
 //! - Instances are streamed from the blob store as `multipart/related; type="application/dicom"`,
 //!   one part per instance, a blob's chunks forwarded as they arrive: memory stays bounded
-//!   whatever the size of the study. `transfer-syntax=*`, or no transfer syntax at all, gives
-//!   the stored bytes (Kade treats a missing parameter as `*`, like most archives, so a viewer
-//!   never waits on a needless transcode); Explicit VR Little Endian is produced on request.
+//!   whatever the size of the study. Each part's transfer syntax is selected per instance
+//!   ([`select`], PS3.18 §8.7.3, §8.7.8.2): without a `transfer-syntax` parameter it is the
+//!   default, Explicit VR Little Endian (native syntaxes are re-encoded, lossless compressed
+//!   ones decompressed where Kade has the codec; lossy ones stay as received, as §8.7.3.4
+//!   permits); `transfer-syntax=*` gives the stored bytes; a named syntax gives that one or a
+//!   406. Implicit VR Little Endian and Explicit VR Big Endian "shall not be used with Web
+//!   Services" (§8.7.3): instances stored in them always leave in Explicit VR Little Endian,
+//!   and a request for them is a 406.
 //! - Metadata comes from the DICOM JSON stored at ingest: the instance's JSON is spliced into
 //!   the response as text, with its relative BulkDataURIs made absolute. No blob is read.
 //! - Frames and bulk data read the instance's blob.
@@ -36,8 +41,10 @@ pub const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 pub(crate) struct Wanted {
     /// The media type of the parts (`application/dicom`, `application/octet-stream`...).
     pub media_type: String,
-    /// `None`: as stored (`*` or absent).
+    /// The transfer syntax asked for; `None` when `*` or absent.
     pub transfer_syntax: Option<String>,
+    /// Whether `transfer-syntax=*` was given (any syntax, the stored one preferred).
+    pub any: bool,
 }
 
 /// Reads the first acceptable entry of an `Accept` header. `default_type` is the part type
@@ -72,12 +79,14 @@ pub(crate) fn wanted(headers: &HeaderMap, default_type: &str) -> Wanted {
         };
         return Wanted {
             media_type,
+            any: ts.as_deref() == Some("*"),
             transfer_syntax: ts.filter(|t| t != "*"),
         };
     }
     Wanted {
         media_type: default_type.to_owned(),
         transfer_syntax: None,
+        any: false,
     }
 }
 
@@ -129,6 +138,61 @@ pub(crate) async fn audit_retrieve(web: &Web, caller: &Caller, study: &str, what
     web.audit(ev).await;
 }
 
+/// Transfer syntaxes whose pixel data is always lossless: decompressed for a request without
+/// a transfer syntax (PS3.18 §8.7.3.4 lets only lossy ones leave compressed by default).
+const LOSSLESS_ONLY: &[&str] = &[
+    "1.2.840.10008.1.2.5",     // RLE Lossless
+    "1.2.840.10008.1.2.4.57",  // JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  // JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  // JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  // JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.201", // HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202", // HTJ2K Lossless RPCL
+];
+
+/// The Selected Transfer Syntax of one instance's part (PS3.18 §8.7.8.2): `None` to send it
+/// as stored, `Some(ts)` to re-encode it; 406 when the request names a syntax Kade cannot
+/// produce for it.
+///
+/// # Errors
+/// [`ApiError::NotAcceptable`] with what to ask for instead.
+pub(crate) fn select(want: &Wanted, r: &InstanceRow) -> Result<Option<&'static str>, ApiError> {
+    use kade_core::transcode::{EXPLICIT_BE, EXPLICIT_LE as ELE, IMPLICIT_LE, is_native};
+    let stored = r.transfer_syntax_uid.as_str();
+    let decodable = || kade_pixel::can_decode_layout(stored, r.bits_allocated);
+    let to_ele = |ok: bool| {
+        if stored == ELE || !ok {
+            None
+        } else {
+            Some(ELE)
+        }
+    };
+    match want.transfer_syntax.as_deref() {
+        Some(IMPLICIT_LE | EXPLICIT_BE) => Err(ApiError::NotAcceptable(
+            "Implicit VR Little Endian and Explicit VR Big Endian are not used with Web \
+             Services (PS3.18 8.7.3): ask for transfer-syntax=1.2.840.10008.1.2.1 or *"
+                .into(),
+        )),
+        Some(ELE) if stored == ELE || is_native(stored) || decodable() => Ok(to_ele(true)),
+        Some(ELE) => Err(ApiError::NotAcceptable(format!(
+            "instance {} is stored compressed ({stored}), which Kade cannot decompress; ask \
+             for transfer-syntax=* to get it as stored",
+            r.sop_uid
+        ))),
+        Some(other) if other == stored => Ok(None),
+        Some(_) => Err(ApiError::NotAcceptable(format!(
+            "instance {} is stored in transfer syntax {stored}, and Kade re-encodes only to \
+             Explicit VR Little Endian; ask for transfer-syntax=* to get it as stored",
+            r.sop_uid
+        ))),
+        // Never in a syntax Web Services do not use, whatever else was asked.
+        None if stored == IMPLICIT_LE || stored == EXPLICIT_BE => Ok(Some(ELE)),
+        None if want.any => Ok(None),
+        None if is_native(stored) => Ok(to_ele(true)),
+        None => Ok(to_ele(LOSSLESS_ONLY.contains(&stored) && decodable())),
+    }
+}
+
 /// Streams `rows` as multipart/related application/dicom.
 async fn retrieve(
     web: &Web,
@@ -146,37 +210,11 @@ async fn retrieve(
             want.media_type
         )));
     }
-    use kade_core::transcode::{EXPLICIT_LE as ELE, IMPLICIT_LE, is_native};
-    // Instances stored in another native syntax are re-encoded; compressed ones cannot be.
-    let target: Option<&'static str> = match want.transfer_syntax.as_deref() {
-        None => None,
-        Some(ELE) => Some(ELE),
-        Some(IMPLICIT_LE) => Some(IMPLICIT_LE),
-        Some(other) => {
-            if let Some(r) = rows.iter().find(|r| r.transfer_syntax_uid != other) {
-                return Err(ApiError::NotAcceptable(format!(
-                    "instance {} is stored in transfer syntax {}, and Kade re-encodes only to \
-                     Explicit or Implicit VR Little Endian; ask for transfer-syntax=* to get it \
-                     as stored",
-                    r.sop_uid, r.transfer_syntax_uid
-                )));
-            }
-            None
-        }
-    };
-    if let Some(t) = target {
-        if let Some(r) = rows.iter().find(|r| {
-            r.transfer_syntax_uid != t
-                && !is_native(&r.transfer_syntax_uid)
-                && !kade_pixel::can_decode_layout(&r.transfer_syntax_uid, r.bits_allocated)
-        }) {
-            return Err(ApiError::NotAcceptable(format!(
-                "instance {} is stored compressed ({}), which Kade cannot decompress; ask for \
-                 transfer-syntax=* to get it as stored",
-                r.sop_uid, r.transfer_syntax_uid
-            )));
-        }
-    }
+    // Every part's syntax is settled before the status is sent, so that a 406 is a 406.
+    let targets = rows
+        .iter()
+        .map(|r| select(&want, r))
+        .collect::<Result<Vec<_>, _>>()?;
     audit_retrieve(web, caller, study, what, rows.len()).await;
     let boundary = multipart::new_boundary();
     let content_type =
@@ -185,11 +223,10 @@ async fn retrieve(
     let b = boundary.clone();
     // Two parts in flight: the next instance's first piece (all of it, for most instances) is
     // read while the current one is sent. Memory stays bounded by the store's piece size.
-    let parts = futures::stream::iter(rows).map(move |r| {
+    let parts = futures::stream::iter(rows.into_iter().zip(targets)).map(move |(r, convert)| {
         let store = store.clone();
         let b = b.clone();
         async move {
-            let convert = target.filter(|t| *t != r.transfer_syntax_uid);
             let head = multipart::part_head(
                 &b,
                 &format!(
@@ -427,6 +464,66 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT, HeaderValue::from_str(v).unwrap());
         h
+    }
+
+    fn stored_in(ts: &str) -> InstanceRow {
+        InstanceRow {
+            study_uid: "1".into(),
+            series_uid: "1.1".into(),
+            sop_uid: "1.1.1".into(),
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.4".into(),
+            number: None,
+            rows: Some(64),
+            columns: Some(64),
+            frames: None,
+            transfer_syntax_uid: ts.into(),
+            blob_key: "k".into(),
+            bits_allocated: Some(16),
+            patient_id: String::new(),
+        }
+    }
+
+    /// PS3.18 8.7.3, 8.7.3.4 and 8.7.8.2: the Selected Transfer Syntax of each stored
+    /// syntax for each request.
+    #[test]
+    fn selected_transfer_syntaxes() {
+        const IMPLICIT: &str = "1.2.840.10008.1.2";
+        const BIG: &str = "1.2.840.10008.1.2.2";
+        const RLE: &str = "1.2.840.10008.1.2.5";
+        const JPEG_BASELINE: &str = "1.2.840.10008.1.2.4.50";
+        const J2K_LOSSLESS: &str = "1.2.840.10008.1.2.4.90";
+        let want = |ts: &str| Wanted {
+            media_type: "application/dicom".into(),
+            transfer_syntax: (!ts.is_empty() && ts != "*").then(|| ts.to_owned()),
+            any: ts == "*",
+        };
+        let e = Some(EXPLICIT_LE);
+        // (request, stored, Ok(selected target) or None for 406)
+        let cases: &[(&str, &str, Option<Option<&str>>)] = &[
+            // No transfer syntax: the default, Explicit VR Little Endian.
+            ("", IMPLICIT, Some(e)),
+            ("", BIG, Some(e)),
+            ("", EXPLICIT_LE, Some(None)),
+            ("", RLE, Some(e)),
+            // Lossy: may leave as received.
+            ("", JPEG_BASELINE, Some(None)),
+            // `*`: as stored, but never a syntax Web Services do not use.
+            ("*", RLE, Some(None)),
+            ("*", JPEG_BASELINE, Some(None)),
+            ("*", IMPLICIT, Some(e)),
+            ("*", BIG, Some(e)),
+            // A named syntax: that one, or 406.
+            (EXPLICIT_LE, IMPLICIT, Some(e)),
+            (EXPLICIT_LE, RLE, Some(e)),
+            (RLE, RLE, Some(None)),
+            (J2K_LOSSLESS, EXPLICIT_LE, None),
+            (IMPLICIT, IMPLICIT, None),
+            (BIG, EXPLICIT_LE, None),
+        ];
+        for (ts, stored, expect) in cases {
+            let got = select(&want(ts), &stored_in(stored)).ok();
+            assert_eq!(got, *expect, "request {ts:?}, stored {stored}");
+        }
     }
 
     #[test]
