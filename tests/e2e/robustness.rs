@@ -101,6 +101,175 @@ async fn bad_data_sets_fail_cleanly_and_the_association_survives() {
     }
 }
 
+const IMPLICIT: &str = "1.2.840.10008.1.2";
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+
+/// `data` as a raw deflate stream of stored (uncompressed) blocks (RFC 1951 §3.2.4), which
+/// any inflater reads.
+fn deflate_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunks = data.chunks(0xFFFF).peekable();
+    if chunks.peek().is_none() {
+        out.extend_from_slice(&[1, 0, 0, 0xFF, 0xFF]);
+    }
+    while let Some(c) = chunks.next() {
+        out.push(u8::from(chunks.peek().is_none()));
+        let len = c.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(c);
+    }
+    out
+}
+
+/// An element in implicit VR little endian.
+fn implicit(g: u16, e: u16, v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&g.to_le_bytes());
+    out.extend_from_slice(&e.to_le_bytes());
+    out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    out.extend_from_slice(v);
+    out
+}
+
+/// An element in explicit VR little endian with a 16-bit length.
+fn explicit(g: u16, e: u16, vr: &[u8; 2], v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&g.to_le_bytes());
+    out.extend_from_slice(&e.to_le_bytes());
+    out.extend_from_slice(vr);
+    out.extend_from_slice(&(v.len() as u16).to_le_bytes());
+    out.extend_from_slice(v);
+    out
+}
+
+/// Data sets that cannot be parsed, for a context in `ts`: what each is, and its bytes.
+fn unparsable(ts: &str) -> Vec<(&'static str, Vec<u8>)> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(15);
+    let random: Vec<u8> = (0..4000).map(|_| rng.r#gen()).collect();
+    let sop = b"1.2.826.0.1.3680043.10.1015.7\0";
+    match ts {
+        IMPLICIT => {
+            // (0008,1115) is a sequence by the data dictionary; an element in its item
+            // claims 4 GB of a 60-byte data set.
+            let mut inner = vec![0x10, 0x00, 0x10, 0x00];
+            inner.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+            let mut item = vec![0xFE, 0xFF, 0x00, 0xE0];
+            item.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+            item.extend_from_slice(&inner);
+            let mut nested = implicit(0x0008, 0x0016, format!("{CT}\0").as_bytes());
+            nested.extend(implicit(0x0008, 0x0018, sop));
+            nested.extend(implicit(0x0008, 0x1115, &item));
+            let mut top = implicit(0x0008, 0x0018, sop);
+            top.extend_from_slice(&[0x10, 0x00, 0x10, 0x00, 200, 0, 0, 0, b'D', b'o']);
+            vec![
+                ("random bytes", random),
+                ("an element running past the end", top),
+                ("an element running past the end of a sequence item", nested),
+            ]
+        }
+        DEFLATED => {
+            let mut overrun = explicit(0x0008, 0x0016, b"UI", format!("{CT}\0").as_bytes());
+            overrun.extend(explicit(0x0008, 0x0018, b"UI", sop));
+            overrun.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
+            overrun.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+            overrun.extend_from_slice(b"abcd");
+            vec![
+                ("random bytes", random.clone()),
+                ("random bytes, inflated", deflate_stored(&random)),
+                ("an element running past the end", deflate_stored(&overrun)),
+            ]
+        }
+        _ => {
+            let mut top = explicit(0x0008, 0x0018, b"UI", sop);
+            top.extend_from_slice(&[0x10, 0x00, 0x10, 0x00, b'P', b'N', 200, 0, b'D', b'o']);
+            vec![
+                ("random bytes", random),
+                ("an element running past the end", top),
+            ]
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unparsable_data_sets_are_refused_at_once_in_every_transfer_syntax() {
+    use kade_dimse::command::tag;
+    use std::time::Instant;
+    let good = pydicom("CT_small.dcm");
+    for b in backends() {
+        let node = Node::start(&b).await;
+        for ts in [ELE, IMPLICIT, DEFLATED] {
+            let proposals = vec![(CT.to_string(), vec![ts.to_string()])];
+            let mut a = ScuAssociation::connect(node.addr(), "STORESCU", "KADE", &proposals)
+                .await
+                .expect("associate");
+            let (pc, accepted) = a.context(CT).expect("CT context");
+            assert_eq!(accepted, ts, "[{}]", b.name);
+            for (what, data) in unparsable(ts) {
+                a.store_command(CT, "1.2.826.0.1.3680043.10.1015.7")
+                    .await
+                    .unwrap();
+                let t = Instant::now();
+                a.send(pc, false, &data).await.unwrap();
+                let rsp = tokio::time::timeout(Duration::from_secs(10), a.response())
+                    .await
+                    .unwrap_or_else(|_| panic!("[{}] {ts}, {what}: no answer in 10 s", b.name))
+                    .unwrap_or_else(|e| panic!("[{}] {ts}, {what}: {e}", b.name));
+                let took = t.elapsed();
+                // PS3.4 Table B.2-1: a data set that cannot be parsed is "Cannot understand".
+                assert_eq!(
+                    rsp.u16(tag::STATUS).map(|s| s & 0xF000),
+                    Some(0xC000),
+                    "[{}] {ts}, {what}",
+                    b.name
+                );
+                let comment = rsp.str(tag::ERROR_COMMENT).unwrap_or_default();
+                assert!(
+                    !comment.is_empty(),
+                    "[{}] {ts}, {what}: no Error Comment",
+                    b.name
+                );
+                assert!(
+                    took < Duration::from_secs(1),
+                    "[{}] {ts}, {what}: answered after {took:?} ({comment})",
+                    b.name
+                );
+            }
+            if ts == ELE {
+                // The same association stores a valid instance next.
+                assert_eq!(
+                    a.store(CT, &good.sop_instance, &good.dataset)
+                        .await
+                        .unwrap(),
+                    0,
+                    "[{}]",
+                    b.name
+                );
+            }
+            a.release().await.unwrap();
+        }
+        // The next association, and the next store on it, work; only that one is stored.
+        let mut a = connect(&node).await;
+        assert_eq!(
+            a.store(CT, &good.sop_instance, &good.dataset)
+                .await
+                .unwrap(),
+            0,
+            "[{}]",
+            b.name
+        );
+        a.release().await.unwrap();
+        assert_eq!(node.stats()["instances"], 1, "[{}]", b.name);
+        assert!(
+            node.spool_files().is_empty(),
+            "[{}] {:?}",
+            b.name,
+            node.spool_files()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_transfer_syntax_in_the_corpus_is_stored_as_received() {
     // (The corpus's JPEG-LS near-lossless files (.4.81) lack a Study Instance UID and are

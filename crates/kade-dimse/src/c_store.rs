@@ -129,6 +129,9 @@ fn log_stored(stored: &Stored, source: &Source) {
 /// The DIMSE status and error comment for an ingest failure (PS3.4 §B.2.3).
 pub fn failure_of(e: &IngestError) -> (Status, String) {
     match e {
+        // A data set that cannot be parsed is "Cannot understand" (C000, PS3.4 Table B.2-1):
+        // A900 "Data Set does not match SOP Class" presumes a data set that was read and
+        // found to be of another class (the Mismatch case below). The comment says where.
         IngestError::Invalid(m) => (Status::CannotUnderstand, m.clone()),
         IngestError::Mismatch(m) => (Status::DataSetDoesNotMatch, m.clone()),
         IngestError::Conflict(_) => (

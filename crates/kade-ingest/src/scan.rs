@@ -212,7 +212,7 @@ impl<R: Read + Seek> Scanner<R> {
                 continue;
             }
             let e = self.fits(&tag, l)?;
-            if vr.as_ref() == Some(b"SQ") {
+            if is_sequence(vr, group, elem) {
                 self.level(Some(e), enc, depth + 1, false)?;
             } else {
                 self.skip(u64::from(l))?;
@@ -229,6 +229,21 @@ impl<R: Read + Seek> Scanner<R> {
             ));
         }
         Ok(self.pos + u64::from(l))
+    }
+}
+
+/// Whether a defined-length element is a sequence whose items must be scanned too: its VR
+/// says so or, in implicit VR, the data dictionary does. The parser behind the index reads an
+/// implicit VR element the dictionary calls SQ as a sequence, and allocates every length it
+/// finds inside it before reading the value: left unscanned, one item element claiming 4 GB
+/// in a 100-byte data set had it zero-fill gigabytes for a minute before it failed.
+fn is_sequence(vr: Option<[u8; 2]>, group: u16, elem: u16) -> bool {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    match vr {
+        Some(vr) => &vr == b"SQ",
+        None => dicom_dictionary_std::StandardDataDictionary
+            .by_tag(dicom_core::Tag(group, elem))
+            .is_some_and(|e| e.vr().relaxed() == dicom_core::VR::SQ),
     }
 }
 
@@ -315,5 +330,41 @@ mod tests {
         );
         // Missing sequence delimiter.
         assert!(run(&d[..d.len() - 8], Encoding::ExplicitLe).is_err());
+    }
+
+    #[test]
+    fn implicit_vr_sequences_are_scanned_by_the_dictionary() {
+        let implicit = |g: u16, e: u16, v: &[u8]| {
+            let mut out = Vec::new();
+            out.extend_from_slice(&g.to_le_bytes());
+            out.extend_from_slice(&e.to_le_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            out.extend_from_slice(v);
+            out
+        };
+        // (0008,1115) Referenced Series Sequence, defined length, one defined-length item.
+        let sequence = |inner: &[u8]| {
+            let mut item = vec![0xFE, 0xFF, 0x00, 0xE0];
+            item.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+            item.extend_from_slice(inner);
+            let mut d = implicit(0x0008, 0x0018, b"1.2\0");
+            d.extend(implicit(0x0008, 0x1115, &item));
+            d
+        };
+        let good = sequence(&implicit(0x0020, 0x000E, b"1.2.3\0"));
+        assert_eq!(run(&good, Encoding::ImplicitLe), Ok(()));
+        // An element inside the item claiming 4 GB: the parser would allocate it.
+        let mut huge = vec![0x10, 0x00, 0x10, 0x00];
+        huge.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        let err = run(&sequence(&huge), Encoding::ImplicitLe).unwrap_err();
+        assert!(err.contains("(0010,0010) claims 4294967280 bytes"), "{err}");
+        // A private element of the same shape is a value, not a sequence.
+        let mut private = implicit(0x0008, 0x0018, b"1.2\0");
+        private.extend(implicit(
+            0x0009,
+            0x1010,
+            &[0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0xF0],
+        ));
+        assert_eq!(run(&private, Encoding::ImplicitLe), Ok(()));
     }
 }
