@@ -165,3 +165,91 @@ async fn association_limit_and_timeouts_are_enforced() {
         t.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sockets_of_strangers_never_take_the_slots_of_peers() {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use kade_dimse::scu::ScuAssociation;
+
+    let b = &backends()[0];
+    // Two associations; 16 connections waiting to associate per pool, 4 per address; 2 s to
+    // send the association request. The TLS listener shares the budgets.
+    let node = Node::start_with_dicom(
+        b,
+        "max_associations = 2\nmax_pending = 16\nmax_pending_per_address = 4\n\
+         establish_timeout_secs = 2\n[dicom.tls]\nenabled = true\nport = 0\n",
+    )
+    .await;
+    assert!(node.tls_port > 0);
+    // Ten addresses no peer has (127.0.0.2 .. 127.0.0.11), six idle sockets each, to both
+    // listeners: TCP connects that never send a byte, never start a TLS handshake.
+    let mut socks = Vec::new();
+    for i in 2..12u8 {
+        for j in 0..6 {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(SocketAddr::from(([127, 0, 0, i], 0))).unwrap();
+            let port = if j % 2 == 0 { node.port } else { node.tls_port };
+            let stream = s.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+            // Non-blocking, as tokio left it: a read says at once whether it was closed.
+            socks.push(stream.into_std().unwrap());
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let closed = |socks: &[std::net::TcpStream]| {
+        use std::io::Read;
+        socks
+            .iter()
+            .filter(|s| match (&mut &**s).read(&mut [0u8; 1]) {
+                Ok(n) => n == 0,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            })
+            .count()
+    };
+    // Over the budgets the sockets were closed at once: 60 connects, at most 16 held.
+    let n = closed(&socks);
+    assert!(n >= 60 - 16, "only {n} of 60 stranger sockets closed");
+
+    // The peers' slots are all free: two associations of an allowed peer, at once.
+    let verification = vec![(
+        kade_dimse::VERIFICATION.to_string(),
+        vec!["1.2.840.10008.1.2".to_string()],
+    )];
+    let mut a = Vec::new();
+    for _ in 0..2 {
+        let mut assoc = tokio::time::timeout(
+            Duration::from_secs(5),
+            ScuAssociation::connect(node.addr(), "STORESCU", "KADE", &verification),
+        )
+        .await
+        .expect("association within 5 s")
+        .expect("association of an allowed peer while strangers hold sockets");
+        assert_eq!(assoc.echo().await.unwrap(), 0);
+        a.push(assoc);
+    }
+    for assoc in a {
+        assoc.release().await.unwrap();
+    }
+
+    // The held ones are closed once the establish timeout has passed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        closed(&socks),
+        60,
+        "stranger sockets still held after the timeout"
+    );
+
+    // The refusals are in the audit log, aggregated per address and budget, not one per
+    // connection.
+    let tail =
+        String::from_utf8(node.cli(&["audit", "tail", "-n", "200", "--json"]).stdout).unwrap();
+    let refusals = tail
+        .lines()
+        .filter(|l| l.contains("association-rejected") && l.contains("connection(s) refused"))
+        .count();
+    assert!(
+        (1..=20).contains(&refusals),
+        "{refusals} refusal entries:\n{tail}"
+    );
+}

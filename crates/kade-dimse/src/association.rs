@@ -2,7 +2,10 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use dicom_ul::pdu::{AbortRQServiceProviderReason as AbortReason, AbortRQSource, Pdu};
+use dicom_ul::pdu::{
+    AbortRQServiceProviderReason as AbortReason, AbortRQSource, AssociationRJ, AssociationRJResult,
+    AssociationRJServiceProviderPresentationReason, AssociationRJSource, Pdu,
+};
 use kade_audit::{Audit, AuditEvent, EventKind, Outcome};
 use kade_ingest::{Ingest, Source};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -36,6 +39,45 @@ pub struct Context {
     pub peers: PeerDirectory,
     /// Audit log.
     pub audit: Audit,
+    /// The connection and association budgets (shared by the plain and the TLS listener).
+    pub admission: crate::admission::Admission,
+}
+
+impl Context {
+    /// A context whose budgets come from `opts`.
+    pub fn new(opts: ServerOptions, ingest: Ingest, peers: PeerDirectory, audit: Audit) -> Self {
+        let admission = crate::admission::Admission::new(opts.budgets());
+        Context {
+            opts,
+            ingest,
+            peers,
+            audit,
+            admission,
+        }
+    }
+
+    /// Logs a refusal by a budget and audits it, at most once per address and interval
+    /// (with the number of refusals since the last entry).
+    pub async fn refused(&self, addr: SocketAddr, why: crate::admission::Refused) {
+        tracing::warn!(addr = %addr, reason = why.describe(), "connection refused");
+        let Some(count) = self.admission.refusal_to_audit(addr.ip(), why) else {
+            return;
+        };
+        let ev = AuditEvent::new(
+            EventKind::AssociationRejected,
+            Outcome::MinorFailure,
+            format!("address:{}", addr.ip()),
+        )
+        .address(addr.ip().to_string())
+        .detail(format!(
+            "{}: {count} connection(s) refused in the last {} s",
+            why.describe(),
+            crate::admission::REFUSAL_AUDIT_INTERVAL.as_secs()
+        ));
+        if let Err(e) = self.audit.record(&ev).await {
+            tracing::error!(error = %e, "could not write audit entry");
+        }
+    }
 }
 
 /// Why an association ended abnormally (for the log).
@@ -111,6 +153,7 @@ pub async fn serve<S>(
     ctx: Arc<Context>,
     shutdown: watch::Receiver<bool>,
     client_cert: Option<String>,
+    pending: Option<crate::admission::PendingPermit>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -124,7 +167,7 @@ pub async fn serve<S>(
         limits: crate::c_find::Limits::default(),
         client_cert,
     };
-    let Some((neg, source)) = conn.establish().await else {
+    let Some((neg, source, _slot)) = conn.establish(pending).await else {
         return;
     };
     conn.peer_max_pdu = neg.peer_max_pdu;
@@ -188,7 +231,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     }
 
     /// Reads and answers the A-ASSOCIATE-RQ; `None` when the association was not established.
-    async fn establish(&mut self) -> Option<(Negotiated, Source)> {
+    /// The connection holds `pending` (its slot among connections not yet associated) until
+    /// the request is answered; an allowed peer's association then takes an association slot,
+    /// which the caller holds for the association's life.
+    async fn establish(
+        &mut self,
+        pending: Option<crate::admission::PendingPermit>,
+    ) -> Option<(Negotiated, Source, crate::admission::AssociationPermit)> {
         let ctx = self.ctx.clone();
         let opts = &ctx.opts;
         let rq = match self.read(opts.establish_timeout).await {
@@ -230,6 +279,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 None
             }
             Ok(peer) => {
+                let slot = match ctx.admission.associate() {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        ctx.refused(self.addr, why).await;
+                        let rj = AssociationRJ {
+                            result: AssociationRJResult::Transient,
+                            source: AssociationRJSource::ServiceProviderPresentation(
+                                AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+                            ),
+                        };
+                        let _ = self.send(&pdu::encode(&Pdu::AssociationRJ(rj))).await;
+                        return None;
+                    }
+                };
+                drop(pending);
                 let neg = negotiation::negotiate(&rq, &peer, opts.max_pdu);
                 let ev = AuditEvent::new(
                     EventKind::AssociationAccepted,
@@ -253,7 +317,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     address: Some(address),
                 };
                 self.limits = crate::c_find::Limits::of(&peer);
-                Some((neg, source))
+                Some((neg, source, slot))
             }
         }
     }
@@ -636,18 +700,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 "move destination has no single address and port configured",
             );
         };
-        let query = match c_move::query_of(identifier, ts) {
-            Ok(q) => q,
-            Err(why) => return refuse(Status::IdentifierDoesNotMatch, &why),
-        };
-        let index = self.ctx.ingest.index().clone();
-        let instances = match index.find_instances(&query).await {
-            Ok(Ok(i)) => i,
-            Ok(Err(e)) => return refuse(Status::IdentifierDoesNotMatch, &e.to_string()),
-            Err(e) => {
-                tracing::error!(error = %e, "C-MOVE query failed");
-                return refuse(Status::UnableToProcess, "index query failed");
-            }
+        let instances = match self.retrieved(sop_class, identifier, ts).await {
+            Ok(i) => i,
+            Err((status, why)) => return refuse(status, &why),
         };
         let mut counts = Counts {
             remaining: instances.len().min(u16::MAX as usize) as u16,
@@ -861,19 +916,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         let respond = |status, counts, why: Option<&str>| {
             c_move::retrieve_response(C_GET_RSP, message_id, sop_class, status, counts, why, false)
         };
-        let index = self.ctx.ingest.index().clone();
-        let instances = match c_move::query_of(identifier, &ts) {
-            Err(why) => Err((Status::IdentifierDoesNotMatch, why)),
-            Ok(q) => match index.find_instances(&q).await {
-                Ok(Ok(i)) => Ok(i),
-                Ok(Err(e)) => Err((Status::IdentifierDoesNotMatch, e.to_string())),
-                Err(e) => {
-                    tracing::error!(error = %e, "C-GET query failed");
-                    Err((Status::UnableToProcess, "index query failed".to_owned()))
-                }
-            },
-        };
-        let instances = match instances {
+        let instances = match self.retrieved(sop_class, identifier, &ts).await {
             Ok(i) => i,
             Err((status, why)) => {
                 let last = respond(status, Counts::default(), Some(&why));
@@ -981,6 +1024,26 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         self.audit_by(source, EventKind::Retrieve, ok, detail, Some(&subject))
             .await;
         Ok(())
+    }
+
+    /// The instances a C-MOVE or C-GET of `sop_class` with `identifier` retrieves, or the
+    /// status and reason of its refusal.
+    async fn retrieved(
+        &self,
+        sop_class: &str,
+        identifier: &[u8],
+        ts: &str,
+    ) -> Result<Vec<kade_index::query::InstanceRow>, (Status, String)> {
+        use crate::retrieve;
+        let Some(model) = retrieve::Model::of(sop_class) else {
+            return Err((
+                Status::SopClassNotSupported,
+                "not a Query/Retrieve MOVE or GET SOP class".into(),
+            ));
+        };
+        let req = retrieve::parse(identifier, ts, model)
+            .map_err(|why| (Status::IdentifierDoesNotMatch, why))?;
+        retrieve::instances(self.ctx.ingest.index(), &req).await
     }
 
     /// Sends the final C-MOVE/C-GET response, with the Failed SOP Instance UID List when

@@ -275,13 +275,16 @@ pub async fn run(
             String::new(),
         );
     };
-    let Ok(req) = InMemDicomObject::read_dataset_with_ts(identifier, ts) else {
+    let Ok(mut req) = InMemDicomObject::read_dataset_with_ts(identifier, ts) else {
         return fail(
             Status::IdentifierDoesNotMatch,
             "identifier cannot be parsed",
             String::new(),
         );
     };
+    // Keys in ISO 2022 code extensions (a Japanese name, say) match the UTF-8 the index holds
+    // once decoded; the answers are in UTF-8 whatever the request used (ISO_IR 192).
+    kade_core::charset::decode_code_extensions(&mut req);
     let level = text(&req, tags::QUERY_RETRIEVE_LEVEL).unwrap_or_default();
     let matches = Level::from_dicom(&level).map(|l| matching(&req, l));
     let keys = match &matches {

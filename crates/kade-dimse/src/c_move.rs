@@ -6,7 +6,7 @@ use dicom_dictionary_std::tags;
 use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
-use kade_index::query::{InstanceKey, InstanceRow, LevelQuery};
+use kade_index::query::InstanceRow;
 
 use crate::command::{CommandSet, field, tag};
 use crate::pdu::Framed;
@@ -16,9 +16,6 @@ use crate::status::Status;
 pub const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
 /// Study Root Query/Retrieve Information Model - MOVE.
 pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
-
-/// Most instances one C-MOVE sends.
-pub const MAX_INSTANCES: i64 = 100_000;
 
 /// Whether `uid` is a C-MOVE information model Kade serves.
 pub fn is_move_sop_class(uid: &str) -> bool {
@@ -94,61 +91,6 @@ pub fn retrieve_response(
         cs.set_text(tag::ERROR_COMMENT, &c);
     }
     cs.encode()
-}
-
-/// The instance-level query a C-MOVE identifier asks for (unique keys per PS3.4 C.4.2.2.1).
-///
-/// # Errors
-/// A sentence when the identifier is unusable.
-pub fn query_of(identifier: &[u8], ts: &str) -> Result<LevelQuery<InstanceKey>, String> {
-    let ts = TransferSyntaxRegistry
-        .get(ts)
-        .ok_or("unknown transfer syntax")?;
-    let req = InMemDicomObject::read_dataset_with_ts(identifier, ts)
-        .map_err(|_| "identifier cannot be parsed")?;
-    let text = |t| {
-        req.get(t)
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).to_owned())
-            .filter(|s| !s.is_empty())
-    };
-    let level = text(tags::QUERY_RETRIEVE_LEVEL).unwrap_or_default();
-    let (needed, keys): (&[_], &[_]) = match level.as_str() {
-        "STUDY" => (
-            &[tags::STUDY_INSTANCE_UID],
-            &[(tags::STUDY_INSTANCE_UID, InstanceKey::StudyInstanceUid)],
-        ),
-        "SERIES" => (
-            &[tags::SERIES_INSTANCE_UID],
-            &[
-                (tags::STUDY_INSTANCE_UID, InstanceKey::StudyInstanceUid),
-                (tags::SERIES_INSTANCE_UID, InstanceKey::SeriesInstanceUid),
-            ],
-        ),
-        "IMAGE" => (
-            &[tags::SOP_INSTANCE_UID],
-            &[
-                (tags::STUDY_INSTANCE_UID, InstanceKey::StudyInstanceUid),
-                (tags::SERIES_INSTANCE_UID, InstanceKey::SeriesInstanceUid),
-                (tags::SOP_INSTANCE_UID, InstanceKey::SopInstanceUid),
-            ],
-        ),
-        _ => return Err("query level not served for C-MOVE (STUDY, SERIES, IMAGE are)".into()),
-    };
-    if needed.iter().any(|t| text(*t).is_none()) {
-        return Err(format!(
-            "a {level} level C-MOVE needs the {level} unique key"
-        ));
-    }
-    let matches = keys
-        .iter()
-        .filter_map(|(t, k)| Some((*k, text(*t)?)))
-        .collect();
-    Ok(LevelQuery {
-        matches,
-        limit: Some(MAX_INSTANCES),
-        offset: 0,
-    })
 }
 
 /// The presentation contexts to propose for `instances`: one per SOP class and stored

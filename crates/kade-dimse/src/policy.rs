@@ -1,6 +1,8 @@
 //! Who may associate: PS3.8 §7.1.1 checks plus Kade's allow-list of peers.
 
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dicom_ul::pdu::{
     AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason,
@@ -15,12 +17,53 @@ use kade_index::Index;
 pub struct PeerDirectory {
     configured: Vec<Peer>,
     index: Option<Index>,
+    /// The index's peer table as last read for [`PeerDirectory::knows_address`], and when.
+    addresses: Arc<Mutex<Option<(Instant, Vec<Peer>)>>>,
 }
+
+/// How long [`PeerDirectory::knows_address`] answers from its copy of the peer table: it is
+/// asked at every TCP accept, before anything is known of the connection, and must not let a
+/// flood of connects become a flood of index queries.
+const ADDRESS_CACHE: Duration = Duration::from_secs(2);
 
 impl PeerDirectory {
     /// A directory of configured peers, plus the index's peer table if `index` is given.
     pub fn new(configured: Vec<Peer>, index: Option<Index>) -> Self {
-        PeerDirectory { configured, index }
+        PeerDirectory {
+            configured,
+            index,
+            addresses: Arc::default(),
+        }
+    }
+
+    /// Whether some peer may connect from `addr` (whatever its AE title): what the listener
+    /// knows of a connection at accept time, to keep strangers' connections in a budget of
+    /// their own. Peers added with `kade peer add` count within two seconds.
+    pub async fn knows_address(&self, addr: IpAddr) -> bool {
+        if self.configured.iter().any(|p| p.matches_address(addr)) {
+            return true;
+        }
+        let Some(index) = &self.index else {
+            return false;
+        };
+        {
+            let cache = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, peers)) = &*cache
+                && at.elapsed() < ADDRESS_CACHE
+            {
+                return peers.iter().any(|p| p.matches_address(addr));
+            }
+        }
+        let peers = match index.peers().await {
+            Ok(peers) => peers,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the peer table");
+                Vec::new()
+            }
+        };
+        let known = peers.iter().any(|p| p.matches_address(addr));
+        *self.addresses.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), peers));
+        known
     }
 
     /// The peer with this AE title, wherever it connects from (C-MOVE destinations).

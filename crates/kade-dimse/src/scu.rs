@@ -318,6 +318,17 @@ impl ScuAssociation {
     /// # Errors
     /// Protocol or connection failures, or an abort.
     pub async fn response_status(&mut self) -> Result<u16, ScuError> {
+        self.response()
+            .await?
+            .u16(tag::STATUS)
+            .ok_or_else(|| ScuError::Protocol("response without Status".into()))
+    }
+
+    /// Reads one response command set (its Status, Error Comment, counters).
+    ///
+    /// # Errors
+    /// Protocol or connection failures, or an abort.
+    pub async fn response(&mut self) -> Result<CommandSet, ScuError> {
         let mut buf = Vec::new();
         loop {
             match self.read().await? {
@@ -328,11 +339,8 @@ impl ScuAssociation {
                         }
                         buf.extend_from_slice(&p.data);
                         if p.is_last {
-                            let cs = CommandSet::decode(&buf)
-                                .map_err(|e| ScuError::Protocol(e.to_string()))?;
-                            return cs.u16(tag::STATUS).ok_or_else(|| {
-                                ScuError::Protocol("response without Status".into())
-                            });
+                            return CommandSet::decode(&buf)
+                                .map_err(|e| ScuError::Protocol(e.to_string()));
                         }
                     }
                 }

@@ -1,25 +1,21 @@
-//! The DIMSE listener: accepts connections, enforces the association limit, and drains
-//! in-flight associations on shutdown.
+//! The DIMSE listener: accepts connections within the budgets of [`crate::admission`], runs
+//! the TLS handshake, and drains in-flight associations on shutdown.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, sync::Arc};
 
-use dicom_ul::pdu::{
-    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
-    AssociationRJSource, Pdu,
-};
 use kade_audit::Audit;
 use kade_ingest::Ingest;
 use sha2::Digest;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::association::{self, Context};
-use crate::{PeerDirectory, ServerOptions, pdu};
+use crate::{PeerDirectory, ServerOptions};
 
-/// The DICOM listener of a Kade node.
-#[derive(Debug)]
+/// The DICOM listener of a Kade node. Clones share one context, and so one set of budgets:
+/// the plain and the TLS listener of a node are served by clones of one server.
+#[derive(Debug, Clone)]
 pub struct DimseServer {
     ctx: Arc<Context>,
 }
@@ -28,12 +24,7 @@ impl DimseServer {
     /// A server storing through `ingest`, admitting `peers`, auditing into `audit`.
     pub fn new(opts: ServerOptions, ingest: Ingest, peers: PeerDirectory, audit: Audit) -> Self {
         DimseServer {
-            ctx: Arc::new(Context {
-                opts,
-                ingest,
-                peers,
-                audit,
-            }),
+            ctx: Arc::new(Context::new(opts, ingest, peers, audit)),
         }
     }
 
@@ -72,7 +63,6 @@ impl DimseServer {
         tls: Option<tokio_rustls::TlsAcceptor>,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let limit = Arc::new(Semaphore::new(self.ctx.opts.max_associations));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
@@ -89,24 +79,24 @@ impl DimseServer {
                 },
                 _ = &mut shutdown => break,
             };
-            let _ = sock.set_nodelay(true);
             while tasks.try_join_next().is_some() {}
             let ctx = self.ctx.clone();
-            let permit = limit.clone().try_acquire_owned().ok();
+            // Over the pending budget the socket is closed before anything is read from it.
+            let known = ctx.peers.knows_address(addr.ip()).await;
+            let pending = match ctx.admission.pending(addr.ip(), known) {
+                Ok(p) => p,
+                Err(why) => {
+                    drop(sock);
+                    tasks.spawn(async move { ctx.refused(addr, why).await });
+                    continue;
+                }
+            };
+            let _ = sock.set_nodelay(true);
             let stop = stop_rx.clone();
             let tls = tls.clone();
             tasks.spawn(async move {
                 match tls {
-                    None => match permit {
-                        Some(permit) => {
-                            association::serve(sock, addr, ctx, stop, None).await;
-                            drop(permit);
-                        }
-                        None => {
-                            tracing::warn!(addr = %addr, "association limit reached; rejecting");
-                            reject_busy(sock, addr, ctx).await;
-                        }
-                    },
+                    None => association::serve(sock, addr, ctx, stop, None, Some(pending)).await,
                     Some(acceptor) => {
                         let hs = tokio::time::timeout(
                             ctx.opts.establish_timeout,
@@ -130,16 +120,7 @@ impl DimseServer {
                             .peer_certificates()
                             .and_then(|c| c.first())
                             .map(|c| hex::encode(sha2::Sha256::digest(c.as_ref())));
-                        match permit {
-                            Some(permit) => {
-                                association::serve(stream, addr, ctx, stop, cert).await;
-                                drop(permit);
-                            }
-                            None => {
-                                tracing::warn!(addr = %addr, "association limit reached; rejecting");
-                                reject_busy(stream, addr, ctx).await;
-                            }
-                        }
+                        association::serve(stream, addr, ctx, stop, cert, Some(pending)).await;
                     }
                 }
             });
@@ -162,23 +143,4 @@ impl DimseServer {
         }
         Ok(())
     }
-}
-
-/// Answers an association request over the limit with A-ASSOCIATE-RJ (transient, local
-/// limit exceeded), so the peer knows to retry later.
-async fn reject_busy<S>(mut sock: S, addr: SocketAddr, ctx: Arc<Context>)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let read = pdu::read(&mut sock, ctx.opts.max_pdu);
-    if let Ok(Ok(Some(_))) = tokio::time::timeout(ctx.opts.establish_timeout, read).await {
-        let rj = AssociationRJ {
-            result: AssociationRJResult::Transient,
-            source: AssociationRJSource::ServiceProviderPresentation(
-                AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
-            ),
-        };
-        let _ = sock.write_all(&pdu::encode(&Pdu::AssociationRJ(rj))).await;
-    }
-    tracing::debug!(addr = %addr, "busy rejection sent");
 }

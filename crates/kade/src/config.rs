@@ -202,13 +202,25 @@ pub struct DicomConfig {
     /// TCP port. Default 11112 (the registered DICOM port). Env `KADE_DICOM_PORT`.
     #[serde(default = "default_dicom_port")]
     pub port: u16,
-    /// Associations served at once; more are rejected as transient. Default 32.
+    /// Associations of allowed peers served at once; more are rejected as transient. A slot
+    /// is taken only once the association request was checked against the peers, so
+    /// connections of strangers never hold one. Default 32.
     #[serde(default = "default_max_associations")]
     pub max_associations: usize,
+    /// Connections not yet associated (TLS handshake, association request not yet read or
+    /// checked), from all addresses together; more are closed at once. Each is held for at
+    /// most `establish_timeout_secs`. Default 64.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    /// Connections not yet associated from one source address; more are closed at once.
+    /// Default 8.
+    #[serde(default = "default_max_pending_per_address")]
+    pub max_pending_per_address: usize,
     /// Largest PDU accepted, in bytes (announced to peers). Default 262144.
     #[serde(default = "default_max_pdu")]
     pub max_pdu: u32,
-    /// Seconds from connect to a complete association request. Default 30.
+    /// Seconds from connect to a complete association request, and for the DICOM TLS
+    /// handshake before it (the ARTIM timeout). Default 5.
     #[serde(default = "default_establish_timeout")]
     pub establish_timeout_secs: u64,
     /// Seconds a peer may stay silent between or within PDUs. Default 60.
@@ -337,7 +349,13 @@ fn default_max_pdu() -> u32 {
     256 * 1024
 }
 fn default_establish_timeout() -> u64 {
-    30
+    5
+}
+fn default_max_pending() -> usize {
+    64
+}
+fn default_max_pending_per_address() -> usize {
+    8
 }
 fn default_read_timeout() -> u64 {
     60
