@@ -6,10 +6,13 @@ mod common;
 
 mod admin;
 mod association;
+mod charset;
+mod conformance;
 mod corpus;
 mod crash;
 mod dicom_tls;
 mod dicomweb;
+mod dimse_conformance;
 mod exchange;
 mod pynetdicom;
 mod query;

@@ -74,6 +74,15 @@ pub fn conform(map: &mut Map<String, Value>) {
             match (vr.as_str(), &mut *v) {
                 ("SQ", Value::Object(item)) => conform(item),
                 (_, Value::String(s)) if s.trim().is_empty() => *v = Value::Null,
+                // An empty person name: no component group at all (§F.2.2 writes only the
+                // groups present), which is an empty value (§F.2.5).
+                ("PN", Value::Object(pn))
+                    if pn
+                        .values()
+                        .all(|g| g.as_str().is_none_or(|g| g.trim().is_empty())) =>
+                {
+                    *v = Value::Null
+                }
                 ("DS", Value::String(s)) => *v = decimal(s),
                 ("IS" | "SV" | "UV", Value::String(s)) => *v = integer(s),
                 ("SV" | "UV", Value::Number(n)) => {
@@ -204,6 +213,8 @@ mod tests {
             "00201002": {"vr": "IS", "Value": [""]},
             "00101010": {"vr": "AS", "Value": ["", "045Y"]},
             "00100020": {"vr": "LO", "Value": ["P1"]},
+            "0072006A": {"vr": "PN", "Value": [{"Alphabetic": "Doe^John"}, {}, {"Ideographic": "山田"}]},
+            "00101005": {"vr": "PN", "Value": [{}]},
             "00660040": {"vr": "SV", "Value": [5, "9007199254740993"]},
             "00660041": {"vr": "UV", "Value": [9007199254740993u64]},
             "00081115": {"vr": "SQ", "Value": [{
@@ -230,6 +241,10 @@ mod tests {
             ),
             ("00101010", serde_json::json!([null, "045Y"])),
             ("00100020", serde_json::json!(["P1"])),
+            (
+                "0072006A",
+                serde_json::json!([{"Alphabetic": "Doe^John"}, null, {"Ideographic": "山田"}]),
+            ),
             ("00660040", serde_json::json!([5, "9007199254740993"])),
             ("00660041", serde_json::json!(["9007199254740993"])),
         ];
@@ -239,6 +254,10 @@ mod tests {
         assert!(
             v["00201002"].get("Value").is_none(),
             "an empty IS has no Value"
+        );
+        assert!(
+            v["00101005"].get("Value").is_none(),
+            "an empty PN has no Value"
         );
         assert_eq!(
             v["00081115"]["Value"][0]["00200013"]["Value"],

@@ -58,8 +58,10 @@ pub struct WebOptions {
     /// Origins allowed by CORS (e.g. a viewer on another host). Empty: no CORS headers.
     pub cors_origins: Vec<String>,
     /// Base URL used in RetrieveURL and BulkDataURI values (e.g. `https://pacs.example:8443`).
-    /// None: taken from the request's Host header.
+    /// None: the host name of the request's Host header with [`WebOptions::port`].
     pub public_url: Option<String>,
+    /// The port the HTTPS listener is bound to (0: unknown, the Host header's is used).
+    pub port: u16,
 }
 
 impl Default for WebOptions {
@@ -69,6 +71,7 @@ impl Default for WebOptions {
             max_instances: 10_000,
             cors_origins: Vec::new(),
             public_url: None,
+            port: 0,
         }
     }
 }
@@ -385,7 +388,42 @@ impl Web {
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
             })
             .unwrap_or("localhost");
-        format!("https://{host}/dicom-web")
+        format!("https://{}/dicom-web", authority(host, self.options.port))
+    }
+}
+
+/// The authority of Kade's URLs for a request whose Host header is `host`: its host name,
+/// with the port the listener is bound to. Clients do not all send the port (dicomweb-client
+/// sends the bare host name), and a URL without it would point at port 443.
+fn authority(host: &str, port: u16) -> String {
+    if port == 0 {
+        return host.to_owned();
+    }
+    let name = match host.rfind(':') {
+        // `[::1]:8443` or `name:8443`, but not a bare `[::1]`.
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    if port == 443 {
+        name.to_owned()
+    } else {
+        format!("{name}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod authority_tests {
+    use super::authority;
+
+    #[test]
+    fn urls_carry_the_listening_port_whatever_the_host_header_says() {
+        assert_eq!(authority("127.0.0.1", 8443), "127.0.0.1:8443");
+        assert_eq!(authority("127.0.0.1:8443", 8443), "127.0.0.1:8443");
+        assert_eq!(authority("pacs.example:1234", 8443), "pacs.example:8443");
+        assert_eq!(authority("[::1]", 8443), "[::1]:8443");
+        assert_eq!(authority("[::1]:8443", 8443), "[::1]:8443");
+        assert_eq!(authority("pacs.example", 443), "pacs.example");
+        assert_eq!(authority("pacs.example:8443", 0), "pacs.example:8443");
     }
 }
 

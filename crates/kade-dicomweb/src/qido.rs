@@ -12,7 +12,7 @@
 //! parameter of §8.3.4 (`_=1700000000`) is ignored as §8.3 requires, and named in a `Warning`
 //! header.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
@@ -103,8 +103,15 @@ pub(crate) fn parse(raw: Option<&str>) -> Result<Params, ApiError> {
                     }
                 }
             }
-            // Accepted and without effect: Kade's matching is exact or wildcard.
-            "fuzzymatching" => {}
+            // Accepted and without effect: Kade's matching is exact or wildcard. Its values
+            // are `true` and `false` (§8.3.4.4); anything else is an invalid value (§8.3).
+            "fuzzymatching" => {
+                if value != "true" && value != "false" {
+                    return Err(ApiError::BadRequest(format!(
+                        "fuzzymatching is true or false, not {value:?}"
+                    )));
+                }
+            }
             _ => match tag_of(&key) {
                 Some(t) => p.matches.push((t, value)),
                 // PS3.18 §8.3: an origin server "shall ignore" query parameters it does not
@@ -172,14 +179,7 @@ fn match_json(returned: Vec<Returned>, retrieve_url: String) -> Map<String, Valu
     let mut m = Map::new();
     charset(&mut m);
     for r in returned {
-        let tag = format!("{:04X}{:04X}", r.tag.0, r.tag.1);
-        let el = match (r.vr, r.value) {
-            (vr, RValue::Empty) => json!({ "vr": vr }),
-            ("PN", RValue::Text(s)) => json!({ "vr": "PN", "Value": [person_name(&s)] }),
-            (vr, RValue::Text(s)) => json!({ "vr": vr, "Value": [s] }),
-            (vr, RValue::Texts(v)) => json!({ "vr": vr, "Value": v }),
-            (vr, RValue::Int(n)) => json!({ "vr": vr, "Value": [n] }),
-        };
+        let (tag, el) = element(r);
         m.insert(tag, el);
     }
     m.insert(
@@ -187,6 +187,91 @@ fn match_json(returned: Vec<Returned>, retrieve_url: String) -> Map<String, Valu
         json!({ "vr": "UR", "Value": [retrieve_url] }),
     );
     m
+}
+
+/// One returned attribute as its tag (8 hex digits) and DICOM JSON attribute object.
+fn element(r: Returned) -> (String, Value) {
+    let tag = format!("{:04X}{:04X}", r.tag.0, r.tag.1);
+    let el = match (r.vr, r.value) {
+        (vr, RValue::Empty) => json!({ "vr": vr }),
+        ("PN", RValue::Text(s)) => json!({ "vr": "PN", "Value": [person_name(&s)] }),
+        (vr, RValue::Text(s)) => json!({ "vr": vr, "Value": [s] }),
+        (vr, RValue::Texts(v)) => json!({ "vr": vr, "Value": v }),
+        (vr, RValue::Int(n)) => json!({ "vr": vr, "Value": [n] }),
+    };
+    (tag, el)
+}
+
+/// Adds to `m` the attributes of a level above (a study's for a series, say): all of them
+/// when `all` (the resource is not scoped to that entity, PS3.18 §10.6.3.3), else those asked
+/// for with `includefield`.
+fn add_upper(m: &mut Map<String, Value>, upper: &[Returned], all: bool, p: &Params) {
+    for r in upper {
+        let (tag, el) = element(r.clone());
+        if (all || p.include_all || p.include.contains(&tag)) && !m.contains_key(&tag) {
+            m.insert(tag, el);
+        }
+    }
+}
+
+/// Whether any attribute of `level` is asked for with `includefield`.
+fn includes_level(p: &Params, level: Level) -> bool {
+    p.include_all
+        || kade_index::query::attributes::all()
+            .filter(|a| a.level() == level)
+            .any(|a| {
+                let (g, e) = a.tag();
+                p.include.contains(&format!("{g:04X}{e:04X}"))
+            })
+}
+
+/// The studies with these UIDs, by UID, as returned attributes.
+async fn studies_by_uid(
+    web: &Web,
+    uids: BTreeSet<&str>,
+) -> Result<HashMap<String, Vec<Returned>>, ApiError> {
+    if uids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let q = LevelQuery {
+        matches: vec![(Attr::StudyInstanceUid, join_uids(uids))],
+        limit: None,
+        offset: 0,
+    };
+    Ok(web
+        .index
+        .find_studies(&q)
+        .await??
+        .iter()
+        .map(|r| (r.study_uid.clone(), r.returned()))
+        .collect())
+}
+
+/// The series with these UIDs, by UID, as returned attributes.
+async fn series_by_uid(
+    web: &Web,
+    uids: BTreeSet<&str>,
+) -> Result<HashMap<String, Vec<Returned>>, ApiError> {
+    if uids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let q = LevelQuery {
+        matches: vec![(Attr::SeriesInstanceUid, join_uids(uids))],
+        limit: None,
+        offset: 0,
+    };
+    Ok(web
+        .index
+        .find_series(&q)
+        .await??
+        .iter()
+        .map(|r| (r.series_uid.clone(), r.returned()))
+        .collect())
+}
+
+/// UIDs as one UID-list matching value.
+fn join_uids(uids: BTreeSet<&str>) -> String {
+    uids.into_iter().collect::<Vec<_>>().join("\\")
 }
 
 /// A person name in its DICOM form as the JSON object of PS3.18 §F.2.2.
@@ -247,7 +332,14 @@ fn include_from_metadata(m: &mut Map<String, Value>, stored: &str, p: &Params) {
 }
 
 fn respond(rows: Vec<Map<String, Value>>, ignored: &[String]) -> Response {
-    let body = Value::Array(rows.into_iter().map(Value::Object).collect()).to_string();
+    // Attributes in ascending tag order (PS3.18 §F.2.2); 8 upper-case hex digits sort as
+    // the tags do.
+    let sorted = rows.into_iter().map(|m| {
+        let mut v: Vec<_> = m.into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        Value::Object(v.into_iter().collect())
+    });
+    let body = Value::Array(sorted.collect()).to_string();
     let mut res = body.into_response();
     let h = res.headers_mut();
     h.insert(
@@ -329,6 +421,7 @@ async fn search_series(
     caller.require(Action::Query)?;
     let p = parse(raw)?;
     let mut matches = keys(&p, Level::Series, "series")?;
+    let scoped = study.is_some();
     if let Some(st) = study {
         if !caller.principal.may_see_study(&st) {
             return Err(ApiError::NotFound("no such study".into()));
@@ -345,7 +438,24 @@ async fn search_series(
     };
     let rows = web.index.find_series(&q).await??;
     let base = web.base_url(headers);
-    let out: Vec<_> = rows.iter().map(|r| series_json(r, &base)).collect();
+    // All Series results carry their study's attributes; a study's series, those asked for.
+    let all_study = !scoped;
+    let studies =
+        if all_study || includes_level(&p, Level::Study) || includes_level(&p, Level::Patient) {
+            studies_by_uid(web, rows.iter().map(|r| r.study_uid.as_str()).collect()).await?
+        } else {
+            HashMap::new()
+        };
+    let out: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            let mut m = series_json(r, &base);
+            if let Some(st) = studies.get(&r.study_uid) {
+                add_upper(&mut m, st, all_study, &p);
+            }
+            m
+        })
+        .collect();
     audit_query(web, caller, "series", &q, out.len()).await;
     Ok(respond(out, &p.ignored))
 }
@@ -361,6 +471,9 @@ async fn search_instances(
     caller.require(Action::Query)?;
     let p = parse(raw)?;
     let mut matches = keys(&p, Level::Instance, "instances")?;
+    // All Instances results carry their study's and series' attributes; a study's instances
+    // their series'; a series' instances neither unless asked for (PS3.18 §10.6.3.3.3).
+    let (all_study, all_series) = (study.is_none(), series.is_none());
     if let Some(st) = study {
         if !caller.principal.may_see_study(&st) {
             return Err(ApiError::NotFound("no such study".into()));
@@ -380,9 +493,26 @@ async fn search_instances(
     };
     let rows = web.index.find_instances(&q).await??;
     let base = web.base_url(headers);
+    let studies =
+        if all_study || includes_level(&p, Level::Study) || includes_level(&p, Level::Patient) {
+            studies_by_uid(web, rows.iter().map(|r| r.study_uid.as_str()).collect()).await?
+        } else {
+            HashMap::new()
+        };
+    let series_rows = if all_series || includes_level(&p, Level::Series) {
+        series_by_uid(web, rows.iter().map(|r| r.series_uid.as_str()).collect()).await?
+    } else {
+        HashMap::new()
+    };
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {
         let mut m = instance_json(r, &base);
+        if let Some(se) = series_rows.get(&r.series_uid) {
+            add_upper(&mut m, se, all_series, &p);
+        }
+        if let Some(st) = studies.get(&r.study_uid) {
+            add_upper(&mut m, st, all_study, &p);
+        }
         if p.include_all || !p.include.is_empty() {
             if let Some(stored) = web.index.instance_metadata(&r.sop_uid).await? {
                 include_from_metadata(&mut m, &stored, &p);

@@ -145,19 +145,20 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     let d = &cfg.dicom;
     let mut opts = ServerOptions::new(d.ae_title.clone());
     opts.max_associations = d.max_associations;
+    opts.max_pending = d.max_pending;
+    opts.max_pending_per_address = d.max_pending_per_address;
     opts.max_pdu = d.max_pdu;
     opts.establish_timeout = Duration::from_secs(d.establish_timeout_secs);
     opts.read_timeout = Duration::from_secs(d.read_timeout_secs);
     opts.outbound_tls = outbound_tls;
     let peers = PeerDirectory::new(d.peers.clone(), Some(node.index.clone()));
-    let server = || {
-        DimseServer::new(
-            opts.clone(),
-            node.ingest.clone(),
-            peers.clone(),
-            node.audit.clone(),
-        )
-    };
+    // One server for both listeners: they share the connection and association budgets.
+    let server = DimseServer::new(
+        opts.clone(),
+        node.ingest.clone(),
+        peers.clone(),
+        node.audit.clone(),
+    );
 
     // One shutdown signal, fanned out to both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -172,10 +173,14 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(https::serve(listener, tls, app, stopped(stop_rx.clone())))
     });
     let tls_task = secure.map(|(listener, acceptor)| {
-        tokio::spawn(server().run_tls(listener, acceptor, stopped(stop_rx.clone())))
+        tokio::spawn(
+            server
+                .clone()
+                .run_tls(listener, acceptor, stopped(stop_rx.clone())),
+        )
     });
     if let Some(listener) = plain {
-        server().run(listener, stopped(stop_rx.clone())).await?;
+        server.run(listener, stopped(stop_rx.clone())).await?;
     }
     if let Some(t) = tls_task {
         let _ = t.await;
@@ -205,6 +210,11 @@ async fn start_web(
     let auth = kade_auth::Auth::new(node.index.clone(), cfg.auth.oidc.clone())
         .await
         .context("cannot set up authentication ([auth.oidc])")?;
+    let addr = format!("{}:{}", h.bind, h.port);
+    let listener = TcpListener::bind(&addr).await.with_context(|| {
+        format!("cannot listen on {addr}: is another program using the port? Choose one with --http-port or http.port")
+    })?;
+    let local = listener.local_addr()?;
     let web = Arc::new(kade_dicomweb::Web {
         ingest: node.ingest.clone(),
         index: node.index.clone(),
@@ -216,6 +226,7 @@ async fn start_web(
             max_instances: h.max_instances,
             cors_origins: h.cors_origins.clone(),
             public_url: h.public_url.clone(),
+            port: local.port(),
         },
     });
     let exchange_api = crate::exchange::api_router(cfg, node, web.auth.clone())?;
@@ -229,11 +240,6 @@ async fn start_web(
     if let Some(api) = exchange_api {
         app = app.nest("/api/exchange", api);
     }
-    let addr = format!("{}:{}", h.bind, h.port);
-    let listener = TcpListener::bind(&addr).await.with_context(|| {
-        format!("cannot listen on {addr}: is another program using the port? Choose one with --http-port or http.port")
-    })?;
-    let local = listener.local_addr()?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

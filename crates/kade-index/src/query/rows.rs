@@ -175,6 +175,7 @@ impl InstanceRow {
             r((0x0028, 0x0008), "IS", Value::int(self.frames)),
             r((0x0028, 0x0010), "US", Value::int(self.rows)),
             r((0x0028, 0x0011), "US", Value::int(self.columns)),
+            r((0x0028, 0x0100), "US", Value::int(self.bits_allocated)),
         ]
     }
 }
