@@ -246,7 +246,7 @@ async fn idle_sockets_of_strangers_never_take_the_slots_of_peers() {
         String::from_utf8(node.cli(&["audit", "tail", "-n", "200", "--json"]).stdout).unwrap();
     let refusals = tail
         .lines()
-        .filter(|l| l.contains("association-rejected") && l.contains("connection(s) refused"))
+        .filter(|l| l.contains("connection-refused") && l.contains("connection(s) refused"))
         .count();
     assert!(
         (1..=20).contains(&refusals),

@@ -14,6 +14,7 @@ mod dicom_tls;
 mod dicomweb;
 mod dimse_conformance;
 mod exchange;
+mod http_limits;
 mod pynetdicom;
 mod query;
 mod robustness;

@@ -63,6 +63,9 @@ pub enum EventKind {
     ExchangeImport,
     /// A bundle or mailbox request was refused (bad signature, tampering, replay, expiry…).
     ExchangeRefused,
+    /// Connections refused by a listener's connection budget (Security Alert), aggregated:
+    /// one entry per source address, reason and minute, with the count.
+    ConnectionRefused,
 }
 
 impl EventKind {
@@ -85,6 +88,7 @@ impl EventKind {
             EventKind::ExchangeTransfer => "exchange-transfer",
             EventKind::ExchangeImport => "exchange-import",
             EventKind::ExchangeRefused => "exchange-refused",
+            EventKind::ConnectionRefused => "connection-refused",
         }
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod ae;
 pub mod attrs;
+pub mod budget;
 pub mod charset;
 pub mod json;
 pub mod lockfile;

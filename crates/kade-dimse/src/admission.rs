@@ -21,11 +21,11 @@
 //! [`REFUSAL_AUDIT_INTERVAL`] with the count since the last entry, so that a flood of
 //! connections cannot flood the audit log.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
+use kade_core::budget::{BudgetFull, ConnectionBudget, RefusalTally, Slot};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// At most one audit entry per source address and budget in this interval.
@@ -67,39 +67,30 @@ impl Refused {
     }
 }
 
+impl From<BudgetFull> for Refused {
+    fn from(f: BudgetFull) -> Self {
+        match f {
+            BudgetFull::Total => Refused::Pending,
+            BudgetFull::PerAddress => Refused::PendingPerAddress,
+        }
+    }
+}
+
 /// The admission budgets of one node's DIMSE listeners (plain and TLS share them).
 #[derive(Debug)]
 pub struct Admission {
     budgets: Budgets,
     /// Pending slots for connections from addresses of peers.
-    pending_known: Arc<Semaphore>,
+    pending_known: ConnectionBudget,
     /// Pending slots for connections from every other address.
-    pending_strangers: Arc<Semaphore>,
+    pending_strangers: ConnectionBudget,
     associations: Arc<Semaphore>,
-    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    /// Per (address, budget): when the last refusal was audited, and refusals since.
-    refusals: Mutex<HashMap<(IpAddr, Refused), (Instant, u64)>>,
+    refusals: RefusalTally<Refused>,
 }
 
 /// A pending slot, given back when dropped.
 #[derive(Debug)]
-pub struct PendingPermit {
-    _permit: OwnedSemaphorePermit,
-    addr: IpAddr,
-    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl Drop for PendingPermit {
-    fn drop(&mut self) {
-        let mut m = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.addr) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.addr);
-            }
-        }
-    }
-}
+pub struct PendingPermit(#[allow(dead_code)] Slot);
 
 /// An association slot, given back when dropped.
 #[derive(Debug)]
@@ -108,13 +99,13 @@ pub struct AssociationPermit(#[allow(dead_code)] OwnedSemaphorePermit);
 impl Admission {
     /// Budgets of the given sizes.
     pub fn new(budgets: Budgets) -> Self {
+        let pool = || ConnectionBudget::new(budgets.max_pending, budgets.max_pending_per_address);
         Admission {
             budgets,
-            pending_known: Arc::new(Semaphore::new(budgets.max_pending)),
-            pending_strangers: Arc::new(Semaphore::new(budgets.max_pending)),
+            pending_known: pool(),
+            pending_strangers: pool(),
             associations: Arc::new(Semaphore::new(budgets.max_associations)),
-            per_address: Arc::default(),
-            refusals: Mutex::default(),
+            refusals: RefusalTally::new(REFUSAL_AUDIT_INTERVAL),
         }
     }
 
@@ -126,26 +117,12 @@ impl Admission {
     /// A pending slot for a new connection from `addr` (`known`: an address some peer may
     /// connect from), or the budget that refuses it.
     pub fn pending(&self, addr: IpAddr, known: bool) -> Result<PendingPermit, Refused> {
-        let mut m = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
-        let held = m.get(&addr).copied().unwrap_or(0);
-        if held >= self.budgets.max_pending_per_address {
-            return Err(Refused::PendingPerAddress);
-        }
         let pool = if known {
             &self.pending_known
         } else {
             &self.pending_strangers
         };
-        let permit = pool
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refused::Pending)?;
-        m.insert(addr, held + 1);
-        Ok(PendingPermit {
-            _permit: permit,
-            addr,
-            per_address: self.per_address.clone(),
-        })
+        pool.take(addr).map(PendingPermit).map_err(Refused::from)
     }
 
     /// An association slot for an allowed peer, or [`Refused::Associations`].
@@ -162,35 +139,11 @@ impl Admission {
         self.budgets.max_associations - self.associations.available_permits()
     }
 
-    /// Records a refusal of `addr` by `why`; returns the number of refusals to audit now
-    /// (this one and those not yet audited), or `None` when this address and budget were
-    /// audited less than [`REFUSAL_AUDIT_INTERVAL`] ago.
+    /// Records a refusal of `addr` by `why`; returns the number of refusals to audit now, or
+    /// `None` when this address and budget were audited less than
+    /// [`REFUSAL_AUDIT_INTERVAL`] ago.
     pub fn refusal_to_audit(&self, addr: IpAddr, why: Refused) -> Option<u64> {
-        self.refusal_to_audit_at(addr, why, Instant::now())
-    }
-
-    fn refusal_to_audit_at(&self, addr: IpAddr, why: Refused, now: Instant) -> Option<u64> {
-        let mut m = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget addresses that have been quiet for an interval, so the map stays small.
-        if m.len() > 4096 {
-            m.retain(|_, (at, n)| *n > 0 || now.duration_since(*at) < REFUSAL_AUDIT_INTERVAL);
-        }
-        match m.get_mut(&(addr, why)) {
-            Some((at, n)) if now.duration_since(*at) < REFUSAL_AUDIT_INTERVAL => {
-                *n += 1;
-                None
-            }
-            Some((at, n)) => {
-                let count = *n + 1;
-                *at = now;
-                *n = 0;
-                Some(count)
-            }
-            None => {
-                m.insert((addr, why), (now, 0));
-                Some(1)
-            }
-        }
+        self.refusals.record(addr, why)
     }
 }
 
@@ -237,22 +190,5 @@ mod tests {
         assert_eq!(a.associate().unwrap_err(), Refused::Associations);
         drop(s1);
         assert!(a.associate().is_ok());
-    }
-
-    #[test]
-    fn refusals_are_audited_once_per_interval_with_their_count() {
-        let a = admission();
-        let x: IpAddr = "10.0.0.1".parse().unwrap();
-        let t = Instant::now();
-        assert_eq!(a.refusal_to_audit_at(x, Refused::Pending, t), Some(1));
-        for i in 1..=5 {
-            let at = t + Duration::from_secs(i);
-            assert_eq!(a.refusal_to_audit_at(x, Refused::Pending, at), None);
-        }
-        // Another budget or address is audited on its own.
-        assert_eq!(a.refusal_to_audit_at(x, Refused::Associations, t), Some(1));
-        let later = t + REFUSAL_AUDIT_INTERVAL + Duration::from_secs(1);
-        assert_eq!(a.refusal_to_audit_at(x, Refused::Pending, later), Some(6));
-        assert_eq!(a.refusal_to_audit_at(x, Refused::Pending, later), None);
     }
 }

@@ -63,8 +63,13 @@ impl Context {
         let Some(count) = self.admission.refusal_to_audit(addr.ip(), why) else {
             return;
         };
+        let kind = match why {
+            // A peer's association request refused for the limit: an association refusal.
+            crate::admission::Refused::Associations => EventKind::AssociationRejected,
+            _ => EventKind::ConnectionRefused,
+        };
         let ev = AuditEvent::new(
-            EventKind::AssociationRejected,
+            kind,
             Outcome::MinorFailure,
             format!("address:{}", addr.ip()),
         )

@@ -176,6 +176,22 @@ pub struct HttpConfig {
     /// is same-origin and needs no CORS.
     #[serde(default)]
     pub cors_origins: Vec<String>,
+    /// HTTPS connections held at once, from all addresses; more are closed at accept.
+    /// Default 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// HTTPS connections held at once from one source address (IPv6: one address, not the
+    /// /64). Default 64.
+    #[serde(default = "default_max_connections_per_address")]
+    pub max_connections_per_address: usize,
+    /// Seconds allowed for the TLS handshake, and for a request's headers to arrive (also the
+    /// most an HTTP/1.1 connection may sit idle between requests). Default 10.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_secs: u64,
+    /// On shutdown, seconds in-flight requests may take to finish before their connections
+    /// are closed. Default 30.
+    #[serde(default = "default_http_drain_timeout")]
+    pub drain_timeout_secs: u64,
 }
 
 /// `[auth]`: who may use the web side.
@@ -350,6 +366,18 @@ fn default_max_pdu() -> u32 {
 }
 fn default_establish_timeout() -> u64 {
     5
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_connections_per_address() -> usize {
+    64
+}
+fn default_header_timeout() -> u64 {
+    10
+}
+fn default_http_drain_timeout() -> u64 {
+    30
 }
 fn default_max_pending() -> usize {
     64

@@ -352,7 +352,15 @@ async fn mailbox_serve(cfg: Config) -> anyhow::Result<()> {
         }
     });
     let shared = Arc::new(RwLock::new(tls));
-    https::serve(listener, shared, app, crate::serve::shutdown_signal()).await;
+    let limits = https::Limits::of(&cfg.http, None);
+    https::serve(
+        listener,
+        shared,
+        app,
+        limits,
+        crate::serve::shutdown_signal(),
+    )
+    .await;
     node.index.close().await;
     Ok(())
 }

@@ -266,77 +266,272 @@ pub fn reload_on_sighup(src: CertSource, tls: SharedTls) {
     });
 }
 
-/// Serves `app` on `listener` until `shutdown` completes; connections in progress get a few
-/// seconds to finish.
+/// The limits of an HTTPS listener (`[http]`: `max_connections`,
+/// `max_connections_per_address`, `header_timeout_secs`, `drain_timeout_secs`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections held at once, in all and per source address.
+    pub budget: kade_core::budget::ConnectionBudget,
+    /// For the TLS handshake, for a request's headers, and between HTTP/1.1 requests.
+    pub header_timeout: Duration,
+    /// On shutdown, how long in-flight requests may take.
+    pub drain_timeout: Duration,
+    /// Where refusals by the budget are audited (once per address, reason and minute).
+    pub audit: Option<kade_audit::Audit>,
+}
+
+impl Limits {
+    /// The limits `[http]` sets, auditing into `audit`.
+    pub fn of(h: &HttpConfig, audit: Option<kade_audit::Audit>) -> Self {
+        Limits {
+            budget: kade_core::budget::ConnectionBudget::new(
+                h.max_connections,
+                h.max_connections_per_address,
+            ),
+            header_timeout: Duration::from_secs(h.header_timeout_secs.max(1)),
+            drain_timeout: Duration::from_secs(h.drain_timeout_secs),
+            audit,
+        }
+    }
+}
+
+/// At most one audit entry per source address and reason in this interval.
+const REFUSAL_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Serves `app` on `listener` until `shutdown` completes; then stops accepting, lets
+/// in-flight requests finish (up to the drain timeout) and returns, so that the caller closes
+/// the index only after them. Each connection holds a slot of the budget from accept to
+/// close (over it, the socket is closed at once); the TLS handshake and each request's headers
+/// must arrive within the header timeout, which also bounds an idle HTTP/1.1 connection; an
+/// idle HTTP/2 connection is pinged and closed when the pings go unanswered. Accept errors
+/// (out of file descriptors) back off and keep serving. Each request runs in a `request`
+/// tracing span.
 pub async fn serve(
     listener: TcpListener,
     tls: SharedTls,
     app: Router,
+    limits: Limits,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    use tracing::Instrument;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let accept = async {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
+    let refusals = Arc::new(kade_core::budget::RefusalTally::new(REFUSAL_AUDIT_INTERVAL));
+    let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "HTTPS accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tracing::warn!(error = %e, "HTTPS accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
+            },
+            () = &mut shutdown => break,
+        };
+        while tasks.try_join_next().is_some() {}
+        let slot = match limits.budget.take(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                drop(tcp);
+                let why = match why {
+                    kade_core::budget::BudgetFull::Total => "connection limit reached",
+                    kade_core::budget::BudgetFull::PerAddress => {
+                        "connection limit of this address reached"
+                    }
+                };
+                tracing::warn!(peer = %peer, reason = why, "HTTPS connection refused");
+                if let (Some(audit), Some(count)) = (&limits.audit, refusals.record(peer.ip(), why))
+                {
+                    let audit = audit.clone();
+                    tasks.spawn(async move {
+                        let ev = kade_audit::AuditEvent::new(
+                            kade_audit::EventKind::ConnectionRefused,
+                            kade_audit::Outcome::MinorFailure,
+                            format!("address:{}", peer.ip()),
+                        )
+                        .address(peer.ip().to_string())
+                        .detail(format!(
+                            "HTTPS {why}: {count} connection(s) refused in the last {} s",
+                            REFUSAL_AUDIT_INTERVAL.as_secs()
+                        ));
+                        if let Err(e) = audit.record(&ev).await {
+                            tracing::error!(error = %e, "could not write audit entry");
+                        }
+                    });
+                }
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = TlsAcceptor::from(tls.read().unwrap_or_else(|e| e.into_inner()).clone());
+        let app = app.clone();
+        let mut stop = stop_rx.clone();
+        let header_timeout = limits.header_timeout;
+        let drain_timeout = limits.drain_timeout;
+        tasks.spawn(async move {
+            let _slot = slot;
+            let stream = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer, "TLS handshake timed out");
+                    return;
+                }
             };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(tls.read().unwrap_or_else(|e| e.into_inner()).clone());
-            let app = app.clone();
-            let mut stop = stop_rx.clone();
-            tokio::spawn(async move {
-                let stream =
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(peer = %peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                let client_cert = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| PeerCertificate(Arc::new(c.as_ref().to_vec())));
-                let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
-                    req.extensions_mut().insert(ClientAddr(peer));
-                    if let Some(c) = &client_cert {
-                        req.extensions_mut().insert(c.clone());
-                    }
-                    let req = req.map(axum::body::Body::new);
-                    app.clone().oneshot(req)
-                });
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(peer = %peer, error = %e, "HTTPS connection ended with an error");
-                        }
-                    }
-                    _ = stop.changed() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            let client_cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| PeerCertificate(Arc::new(c.as_ref().to_vec())));
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+                // The path only: query strings can hold patient names.
+                let span = tracing::info_span!(
+                    "request",
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    addr = %peer.ip()
+                );
+                req.extensions_mut().insert(ClientAddr(peer));
+                if let Some(c) = &client_cert {
+                    req.extensions_mut().insert(c.clone());
+                }
+                let req = req.map(axum::body::Body::new);
+                app.clone().oneshot(req).instrument(span)
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(header_timeout)
+                .max_concurrent_streams(64);
+            // hyper reads the first bytes to tell HTTP/1.1 from HTTP/2 without a timeout of
+            // its own, so the first byte must come within the header timeout too.
+            let stream = FirstByteDeadline::new(stream, header_timeout);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(peer = %peer, error = %e, "HTTPS connection ended with an error");
                     }
                 }
-            });
-        }
-    };
-    tokio::select! {
-        () = accept => {}
-        () = shutdown => {}
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(drain_timeout, conn).await;
+                }
+            }
+        });
     }
+    tracing::info!(
+        connections = tasks.len(),
+        "HTTPS listener stopping; draining requests"
+    );
     let _ = stop_tx.send(true);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(limits.drain_timeout + Duration::from_secs(1), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            aborted = tasks.len(),
+            "drain timeout: closing remaining HTTPS connections"
+        );
+        tasks.abort_all();
+    }
+}
+
+/// A stream whose reads fail with `TimedOut` when no byte has arrived within the deadline
+/// since the connection began; after the first byte it is the stream itself.
+struct FirstByteDeadline<S> {
+    inner: S,
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> FirstByteDeadline<S> {
+    fn new(inner: S, within: Duration) -> Self {
+        FirstByteDeadline {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(within))),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstByteDeadline<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.deadline = None;
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let expired = self
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no request in time",
+                    )))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstByteDeadline<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

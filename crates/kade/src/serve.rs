@@ -170,7 +170,14 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let web = web.map(|(listener, tls, app)| {
-        tokio::spawn(https::serve(listener, tls, app, stopped(stop_rx.clone())))
+        let limits = https::Limits::of(&cfg.http, Some(node.audit.clone()));
+        tokio::spawn(https::serve(
+            listener,
+            tls,
+            app,
+            limits,
+            stopped(stop_rx.clone()),
+        ))
     });
     let tls_task = secure.map(|(listener, acceptor)| {
         tokio::spawn(
