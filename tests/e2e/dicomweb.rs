@@ -1058,3 +1058,67 @@ async fn get_as(
         .unwrap_or_default();
     (status, ct, r.bytes().await.unwrap().to_vec())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_failed_authentications_is_audited_aggregated_and_locked_out() {
+    let node = Node::start(&backends()[0]).await;
+    let url = format!("{}/dicom-web/studies", node.https());
+    // 300 requests without a token from one address: 300 refusals, one audit entry.
+    let flood = client_from(&node, Ipv4Addr::new(127, 0, 0, 9));
+    for _ in 0..300 {
+        let r = flood.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let audited = |node: &Node, addr: &str| {
+        let o = node.cli(&["audit", "tail", "-n", "1000", "--json"]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains("authentication-failed") && l.contains(addr))
+            .count()
+    };
+    assert_eq!(audited(&node, "\"127.0.0.9\""), 1);
+
+    // Sixteen bad tokens at once from another address lock it out: the next attempt is
+    // refused without its token being checked, even a valid one.
+    let bad = client_from(&node, Ipv4Addr::new(127, 0, 0, 10));
+    let attempts = (0..16).map(|i| {
+        bad.get(&url)
+            .bearer_auth(format!("kade_{i:08}_{}", "x".repeat(43)))
+            .send()
+    });
+    for r in futures_join(attempts).await {
+        assert_eq!(r.unwrap().status(), 401);
+    }
+    let r = bad
+        .get(&url)
+        .bearer_auth(&node.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let www = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(www.contains("too many failed attempts"), "{www}");
+    // Other addresses are not affected.
+    let r = node
+        .http_client()
+        .get(&url)
+        .bearer_auth(&node.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Runs the futures concurrently and returns their outputs in order.
+async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

@@ -147,6 +147,9 @@ pub enum Denied {
     Expired,
     /// Revoked.
     Revoked,
+    /// The address failed so often within the throttle's window that its credentials are not
+    /// checked at all until the window has passed (no argon2, no index look-up).
+    Throttled,
 }
 
 impl Denied {
@@ -158,6 +161,7 @@ impl Denied {
             Denied::Invalid => "invalid token",
             Denied::Expired => "token expired",
             Denied::Revoked => "token revoked",
+            Denied::Throttled => "too many failed attempts from this address; wait a minute",
         }
     }
 }
@@ -281,6 +285,11 @@ impl Auth {
         authorization: Option<&str>,
         peer: IpAddr,
     ) -> Result<Principal, Denied> {
+        if authorization.is_some() && self.inner.throttle.locked(peer) {
+            // Refused before any work: a flood of bad tokens cannot burn argon2 CPU.
+            tokio::time::sleep(throttle::MAX_DELAY).await;
+            return Err(Denied::Throttled);
+        }
         match self.check(authorization).await {
             Ok(p) => Ok(p),
             Err(Failure::Denied(d)) => {

@@ -14,6 +14,10 @@
 //!   inside the window are dropped; if it is still full (failures from very many addresses at
 //!   once), failures from addresses not in it get the longest delay.
 //!
+//! - After [`MAX_PER_ADDRESS`] failures inside the window, an address is *locked*: its
+//!   credentials are refused without being checked (no index read, no argon2), after the
+//!   longest delay, until its oldest failure leaves the window.
+//!
 //! Time is [`tokio::time::Instant`], so the throttle can be tested with paused time.
 
 use std::collections::{HashMap, VecDeque};
@@ -56,6 +60,16 @@ impl Throttle {
             failures: Mutex::new(HashMap::new()),
             max_addresses,
         }
+    }
+
+    /// Whether `peer` has failed [`MAX_PER_ADDRESS`] times within the window: its next
+    /// attempts are refused without being checked until the oldest failure ages out.
+    pub(crate) fn locked(&self, peer: IpAddr) -> bool {
+        let now = Instant::now();
+        let map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&bucket(peer)).is_some_and(|times| {
+            times.len() >= MAX_PER_ADDRESS && times.iter().all(|t| now - *t < WINDOW)
+        })
     }
 
     /// Records a failure from `peer` and sleeps for the delay it earned.
@@ -125,6 +139,21 @@ mod tests {
 
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
+
+    #[tokio::test(start_paused = true)]
+    async fn an_address_is_locked_after_max_failures_and_unlocked_by_the_window() {
+        let t = Throttle::default();
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        for _ in 0..MAX_PER_ADDRESS - 1 {
+            t.record_failure(ip);
+        }
+        assert!(!t.locked(ip));
+        t.record_failure(ip);
+        assert!(t.locked(ip));
+        assert!(!t.locked("10.0.0.8".parse().unwrap()));
+        tokio::time::advance(WINDOW).await;
+        assert!(!t.locked(ip));
+    }
 
     async fn timed_failure(t: &Throttle, ip: IpAddr) -> Duration {
         let start = Instant::now();

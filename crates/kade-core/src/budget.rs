@@ -141,6 +141,29 @@ impl<K: std::hash::Hash + Eq + Copy> RefusalTally<K> {
     }
 }
 
+impl<K: std::hash::Hash + Eq + Copy> RefusalTally<K> {
+    /// The refusals counted but not yet audited whose interval has passed, as (address,
+    /// reason, count), reset to zero: what a periodic flush writes, so that the tail of a
+    /// burst is audited even when no refusal follows it.
+    pub fn due(&self) -> Vec<(IpAddr, K, u64)> {
+        self.due_at(Instant::now())
+    }
+
+    /// [`RefusalTally::due`] at time `now`.
+    pub fn due_at(&self, now: Instant) -> Vec<(IpAddr, K, u64)> {
+        let mut m = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for ((addr, why), (at, n)) in m.iter_mut() {
+            if *n > 0 && now.duration_since(*at) >= self.interval {
+                out.push((*addr, *why, *n));
+                *at = now;
+                *n = 0;
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +199,10 @@ mod tests {
         let later = now + Duration::from_secs(61);
         assert_eq!(t.record_at(x, 1, later), Some(6));
         assert_eq!(t.record_at(x, 1, later), None);
+        // The tail of a burst is flushed once its interval has passed.
+        assert!(t.due_at(later).is_empty());
+        let flush = later + Duration::from_secs(60);
+        assert_eq!(t.due_at(flush), vec![(x, 1, 1)]);
+        assert!(t.due_at(flush).is_empty());
     }
 }

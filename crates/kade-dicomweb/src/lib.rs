@@ -30,6 +30,8 @@ pub mod wado;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use kade_core::budget::RefusalTally;
+
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -159,8 +161,13 @@ pub fn router(web: Arc<Web>) -> Router {
         r = r.route(path, methods);
     }
     let cors = web.options.cors_origins.clone();
+    let failures = Arc::new(RefusalTally::new(AUTH_AUDIT_INTERVAL));
+    spawn_failure_flush(&web, &failures);
     r.fallback(not_found)
-        .layer(middleware::from_fn_with_state(web.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(
+            (web.clone(), failures),
+            authenticate,
+        ))
         .layer(middleware::from_fn(move |req, next| {
             cors_layer(cors.clone(), req, next)
         }))
@@ -212,9 +219,67 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("no such DICOMweb resource".into())
 }
 
+/// Failed authentications are audited at most once per source address, reason and this
+/// interval; the entry after it carries the count of those in between.
+const AUTH_AUDIT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Failed authentications not yet audited, per (address, reason).
+type Failures = Arc<RefusalTally<&'static str>>;
+
+/// Writes the counts of failed authentications that no later failure carried into the audit
+/// log (the tail of a burst), once a minute, for as long as the service exists.
+fn spawn_failure_flush(web: &Arc<Web>, failures: &Failures) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (web, failures) = (Arc::downgrade(web), Arc::downgrade(failures));
+    rt.spawn(async move {
+        loop {
+            tokio::time::sleep(AUTH_AUDIT_INTERVAL).await;
+            let (Some(web), Some(failures)) = (web.upgrade(), failures.upgrade()) else {
+                return;
+            };
+            for (addr, why, n) in failures.due() {
+                audit_failures(&web, addr, why, n, None).await;
+            }
+        }
+    });
+}
+
+/// One audit entry for `n` failed authentications from `addr` for `why`.
+async fn audit_failures(web: &Web, addr: IpAddr, why: &str, n: u64, request: Option<&str>) {
+    let detail = match (n, request) {
+        (1, Some(r)) => format!("{r}: {why}"),
+        (n, Some(r)) => format!(
+            "{r}: {why} ({n} failures from this address in the last {} s)",
+            AUTH_AUDIT_INTERVAL.as_secs()
+        ),
+        (n, None) => format!(
+            "{why}: {n} more failures from this address in the last {} s",
+            AUTH_AUDIT_INTERVAL.as_secs()
+        ),
+    };
+    let ev = AuditEvent::new(
+        EventKind::AuthenticationFailed,
+        Outcome::MinorFailure,
+        "anonymous",
+    )
+    .address(addr.to_string())
+    .detail(detail);
+    if let Err(e) = web.audit.record(&ev).await {
+        tracing::error!(error = %e, "cannot write the audit log");
+    }
+}
+
 /// The authentication layer: turns the bearer token into a [`Principal`] in the request's
 /// extensions, or answers 401.
-async fn authenticate(State(web): St, mut req: Request, next: Next) -> Response {
+/// Failed authentications are audited aggregated (see [`AUTH_AUDIT_INTERVAL`]), so that a
+/// flood of bad requests cannot fill the disk or bury real events.
+async fn authenticate(
+    State((web, failures)): State<(Arc<Web>, Failures)>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     if req.method() == Method::OPTIONS {
         // CORS preflight carries no credentials and gets no data.
         return StatusCode::NO_CONTENT.into_response();
@@ -243,20 +308,9 @@ async fn authenticate(State(web): St, mut req: Request, next: Next) -> Response 
             next.run(req).await
         }
         Err(denied) => {
-            let ev = AuditEvent::new(
-                EventKind::AuthenticationFailed,
-                Outcome::MinorFailure,
-                "anonymous",
-            )
-            .address(addr.to_string())
-            .detail(format!(
-                "{} {}: {}",
-                req.method(),
-                req.uri().path(),
-                denied.as_str()
-            ));
-            if let Err(e) = web.audit.record(&ev).await {
-                tracing::error!(error = %e, "cannot write the audit log");
+            if let Some(n) = failures.record(addr, denied.as_str()) {
+                let request = format!("{} {}", req.method(), req.uri().path());
+                audit_failures(&web, addr, denied.as_str(), n, Some(&request)).await;
             }
             ApiError::Unauthorized(denied).into_response()
         }
