@@ -85,10 +85,8 @@ pub fn conform(map: &mut Map<String, Value>) {
                 }
                 ("DS", Value::String(s)) => *v = decimal(s),
                 ("IS" | "SV" | "UV", Value::String(s)) => *v = integer(s),
-                ("SV" | "UV", Value::Number(n)) => {
-                    if !n.as_i64().is_some_and(exact_in_double) {
-                        *v = Value::String(n.to_string());
-                    }
+                ("SV" | "UV", Value::Number(n)) if !n.as_i64().is_some_and(exact_in_double) => {
+                    *v = Value::String(n.to_string());
                 }
                 _ => {}
             }

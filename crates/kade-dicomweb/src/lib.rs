@@ -465,6 +465,17 @@ fn authority(host: &str, port: u16) -> String {
     }
 }
 
+/// `/healthz`: whether the index answers. No data, no authentication.
+pub async fn healthz(State(web): St) -> Response {
+    match web.index.stats().await {
+        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check: index unavailable");
+            (StatusCode::SERVICE_UNAVAILABLE, "index unavailable\n").into_response()
+        }
+    }
+}
+
 #[cfg(test)]
 mod authority_tests {
     use super::authority;
@@ -478,16 +489,5 @@ mod authority_tests {
         assert_eq!(authority("[::1]:8443", 8443), "[::1]:8443");
         assert_eq!(authority("pacs.example", 443), "pacs.example");
         assert_eq!(authority("pacs.example:8443", 0), "pacs.example:8443");
-    }
-}
-
-/// `/healthz`: whether the index answers. No data, no authentication.
-pub async fn healthz(State(web): St) -> Response {
-    match web.index.stats().await {
-        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "health check: index unavailable");
-            (StatusCode::SERVICE_UNAVAILABLE, "index unavailable\n").into_response()
-        }
     }
 }

@@ -18,8 +18,11 @@ pub struct PeerDirectory {
     configured: Vec<Peer>,
     index: Option<Index>,
     /// The index's peer table as last read for [`PeerDirectory::knows_address`], and when.
-    addresses: Arc<Mutex<Option<(Instant, Vec<Peer>)>>>,
+    addresses: Arc<Mutex<Option<PeerTable>>>,
 }
+
+/// A copy of the index's peer table and when it was read.
+type PeerTable = (Instant, Vec<Peer>);
 
 /// How long [`PeerDirectory::knows_address`] answers from its copy of the peer table: it is
 /// asked at every TCP accept, before anything is known of the connection, and must not let a

@@ -201,25 +201,8 @@ impl ScuAssociation {
     }
 
     /// Sends a C-STORE-RQ on context `pc`, with Move Originator fields when given, then
-    /// `dataset`, and returns the response status.
-    ///
-    /// # Errors
-    /// Protocol or connection failures.
-    pub async fn store_on(
-        &mut self,
-        pc: u8,
-        sop_class: &str,
-        sop_instance: &str,
-        dataset: &[u8],
-        move_originator: Option<(&str, u16)>,
-    ) -> Result<u16, ScuError> {
-        let framed = pdu::Framed::from_bytes(dataset, pc, self.peer_max_pdu);
-        self.store_framed(pc, sop_class, sop_instance, framed, move_originator)
-            .await
-    }
-
-    /// As [`Self::store_on`], with the data set already framed as PDUs for this peer
-    /// ([`Self::peer_max_pdu`]).
+    /// `dataset`, already framed as PDUs for this peer ([`Self::peer_max_pdu`]), and returns
+    /// the response status.
     ///
     /// # Errors
     /// Protocol or connection failures.

@@ -244,7 +244,7 @@ def write_zoo(out, uids):
         element(0x00720071, "UR", "https://example.invalid/a%20b?x=1"),
         element(0x00720072, "DS", " 1.5\\+1\\.5\\1.\\1e3\\\\-2.5E-1"),
         element(0x00720073, "OD", struct.pack("<2d", 1.5, -2.0)),
-        element(0x00720074, "FD", struct.pack("<2d", 3.141592653589793, -1e-300)),
+        element(0x00720074, "FD", struct.pack("<2d", 1.2345678901234567, -1e-300)),
         element(0x00720075, "OL", struct.pack("<2I", 1, 0xDEADBEEF)),
         element(0x00720076, "FL", struct.pack("<2f", 0.5, -2.25)),
         element(0x00720078, "UL", struct.pack("<2I", 0, 4294967295)),
