@@ -225,48 +225,41 @@ fn includes_level(p: &Params, level: Level) -> bool {
             })
 }
 
-/// The studies with these UIDs, by UID, as returned attributes.
-async fn studies_by_uid(
+/// The studies (`level` Study) or series (`level` Series) with these UIDs, by UID, as
+/// returned attributes: what the results of a level below carry of them.
+async fn rows_by_uid(
     web: &Web,
+    level: Level,
     uids: BTreeSet<&str>,
 ) -> Result<HashMap<String, Vec<Returned>>, ApiError> {
     if uids.is_empty() {
         return Ok(HashMap::new());
     }
+    let key = match level {
+        Level::Series => Attr::SeriesInstanceUid,
+        _ => Attr::StudyInstanceUid,
+    };
     let q = LevelQuery {
-        matches: vec![(Attr::StudyInstanceUid, join_uids(uids))],
+        matches: vec![(key, join_uids(uids))],
         limit: None,
         offset: 0,
     };
-    Ok(web
-        .index
-        .find_studies(&q)
-        .await??
-        .iter()
-        .map(|r| (r.study_uid.clone(), r.returned()))
-        .collect())
-}
-
-/// The series with these UIDs, by UID, as returned attributes.
-async fn series_by_uid(
-    web: &Web,
-    uids: BTreeSet<&str>,
-) -> Result<HashMap<String, Vec<Returned>>, ApiError> {
-    if uids.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let q = LevelQuery {
-        matches: vec![(Attr::SeriesInstanceUid, join_uids(uids))],
-        limit: None,
-        offset: 0,
-    };
-    Ok(web
-        .index
-        .find_series(&q)
-        .await??
-        .iter()
-        .map(|r| (r.series_uid.clone(), r.returned()))
-        .collect())
+    Ok(match level {
+        Level::Series => web
+            .index
+            .find_series(&q)
+            .await??
+            .iter()
+            .map(|r| (r.series_uid.clone(), r.returned()))
+            .collect(),
+        _ => web
+            .index
+            .find_studies(&q)
+            .await??
+            .iter()
+            .map(|r| (r.study_uid.clone(), r.returned()))
+            .collect(),
+    })
 }
 
 /// UIDs as one UID-list matching value.
@@ -442,7 +435,12 @@ async fn search_series(
     let all_study = !scoped;
     let studies =
         if all_study || includes_level(&p, Level::Study) || includes_level(&p, Level::Patient) {
-            studies_by_uid(web, rows.iter().map(|r| r.study_uid.as_str()).collect()).await?
+            rows_by_uid(
+                web,
+                Level::Study,
+                rows.iter().map(|r| r.study_uid.as_str()).collect(),
+            )
+            .await?
         } else {
             HashMap::new()
         };
@@ -495,12 +493,22 @@ async fn search_instances(
     let base = web.base_url(headers);
     let studies =
         if all_study || includes_level(&p, Level::Study) || includes_level(&p, Level::Patient) {
-            studies_by_uid(web, rows.iter().map(|r| r.study_uid.as_str()).collect()).await?
+            rows_by_uid(
+                web,
+                Level::Study,
+                rows.iter().map(|r| r.study_uid.as_str()).collect(),
+            )
+            .await?
         } else {
             HashMap::new()
         };
     let series_rows = if all_series || includes_level(&p, Level::Series) {
-        series_by_uid(web, rows.iter().map(|r| r.series_uid.as_str()).collect()).await?
+        rows_by_uid(
+            web,
+            Level::Series,
+            rows.iter().map(|r| r.series_uid.as_str()).collect(),
+        )
+        .await?
     } else {
         HashMap::new()
     };
