@@ -86,9 +86,21 @@ impl Mailbox {
 
     /// Enrols a prepared hospital node (init, enroll, join), then starts it.
     async fn hospital(&self, backend: &Backend, org: &str, url: &str, poll_secs: u64) -> Node {
+        self.hospital_with(backend, org, url, poll_secs, "").await
+    }
+
+    /// As [`Mailbox::hospital`], with `extra` TOML in the node's configuration.
+    async fn hospital_with(
+        &self,
+        backend: &Backend,
+        org: &str,
+        url: &str,
+        poll_secs: u64,
+        extra: &str,
+    ) -> Node {
         let mut n = Node::prepare(
             backend,
-            &format!("[exchange]\npoll_secs = {poll_secs}\nchunk_bytes = 16384\n"),
+            &format!("[exchange]\npoll_secs = {poll_secs}\nchunk_bytes = 16384\n{extra}"),
         )
         .await;
         ok(
@@ -1220,4 +1232,152 @@ async fn a_receive_stopped_half_way_leaves_no_orphan_blob_on(backend: &Backend) 
         );
     }
     assert_eq!(after.len(), blobs_before.len() + files.len());
+}
+
+/// Gateway mode end to end, with Orthanc as each hospital's own PACS: A's Orthanc sends a
+/// study to Kade-A's route AE for HOSPB; Kade-A seals it once the study is quiet; Kade-B
+/// imports it under B's patient and forwards it to B's Orthanc, with no person involved.
+/// A study whose patient B cannot match waits for a person, then flows on.
+#[tokio::test]
+async fn a_study_flows_from_as_pacs_to_bs_pacs_through_both_gateways() {
+    let Some(pacs_b) = crate::common::orthanc::Orthanc::start("ORTHANCB", &[]) else {
+        return;
+    };
+    for backend in backends() {
+        let mb = Mailbox::start(&backend).await;
+        let a = mb
+            .hospital_with(
+                &backend,
+                "HOSPA",
+                &mb.url(),
+                0,
+                "[[dicom.peers]]\nae_title = \"ORTHANCA\"\nhost = \"127.0.0.1\"\nallow = [\"echo\", \"store\"]\n",
+            )
+            .await;
+        let b = mb
+            .hospital_with(
+                &backend,
+                "HOSPB",
+                &mb.url(),
+                3600,
+                &format!(
+                    "[[dicom.peers]]\nae_title = \"ORTHANCB\"\nhost = \"127.0.0.1\"\nport = {}\nallow = [\"echo\"]\n",
+                    pacs_b.dicom_port
+                ),
+            )
+            .await;
+        ok(
+            &a,
+            &[
+                "route", "add", "to-hospb", "--called-ae", "HOSPB", "--to-org", "HOSPB",
+                "--reason", "Referral", "--quiet-secs", "2",
+            ],
+        );
+        ok(
+            &b,
+            &["route", "add", "inbound", "--from-exchange", "*", "--to-peer", "ORTHANCB"],
+        );
+        let Some(pacs_a) =
+            crate::common::orthanc::Orthanc::start("ORTHANCA", &[("KADEGW", "HOSPB", a.port)])
+        else {
+            return;
+        };
+        // B knows the patient under its own ID, with the BSN among the other IDs.
+        store(&b, &spec("MRN-B-1", Some("HOSPB"), Some(BSN), "19700101"));
+
+        // A clerk at A sends the study from A's PACS to "HOSPB via exchange".
+        let sent_spec = spec("A-123", Some("HOSPA"), Some(BSN), "19700101");
+        let dir = tempfile::tempdir().unwrap();
+        let files = ct_study(dir.path(), &sent_spec);
+        pacs_a.upload_files(&files).await;
+        let study = pacs_a.studies().await.pop().unwrap();
+        pacs_a.store_to("KADEGW", &study).await.unwrap();
+
+        let before = pacs_b.instances().await.len();
+        wait_for("B's PACS to hold the study", || {
+            let jobs = json(&b, &["jobs", "list", "--json"]);
+            jobs.as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["state"] == "done" && j["destination"] == "ORTHANCB")
+        })
+        .await;
+        let sent = json(&a, &["jobs", "list", "--json"]);
+        let sent = &sent.as_array().unwrap()[0];
+        assert_eq!(sent["kind"], "exchange-send", "{sent}");
+        assert_eq!(sent["state"], "done", "{sent}");
+        let bundle = sent["result"].as_str().unwrap().to_owned();
+        assert_eq!(
+            inbox_state(&b, &bundle).unwrap()["state"],
+            "imported",
+            "matched by BSN, imported without a person"
+        );
+        let ids = pacs_b.instances().await;
+        assert_eq!(ids.len() - before, files.len(), "every instance at B's PACS");
+        for f in &files {
+            let original = std::fs::read(f).unwrap();
+            let sop = kade_testkit::part10::Part10::parse(original.clone())
+                .unwrap()
+                .sop_instance;
+            let id = pacs_b
+                .find_instance_by_sop_uid(&sop)
+                .await
+                .unwrap_or_else(|| panic!("{sop} at B's PACS"));
+            let tags = pacs_b.instance_tags(&id).await;
+            assert_eq!(tags["PatientID"], "MRN-B-1", "B's local Patient ID");
+            assert_eq!(
+                pacs_b.instance_pixel_data(&id).await,
+                pixel_data(&original),
+                "pixel data of {sop} as A's PACS had it"
+            );
+        }
+
+        // A patient B cannot match waits in the reconciliation queue; nothing reaches B's
+        // PACS until a person decides, then it flows on by itself.
+        let unknown = spec("A-456", Some("HOSPA"), None, "19800202");
+        let dir = tempfile::tempdir().unwrap();
+        let files = ct_study(dir.path(), &unknown);
+        let before_ids = pacs_a.studies().await;
+        pacs_a.upload_files(&files).await;
+        let study = pacs_a
+            .studies()
+            .await
+            .into_iter()
+            .find(|s| !before_ids.contains(s))
+            .unwrap();
+        pacs_a.store_to("KADEGW", &study).await.unwrap();
+        let mut queued = String::new();
+        wait_for("B to queue the bundle for reconciliation", || {
+            let inbox = json(&b, &["exchange", "inbox", "--json"]);
+            match inbox
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["state"] == "queued")
+            {
+                Some(r) => {
+                    queued = r["bundle_id"].as_str().unwrap().to_owned();
+                    true
+                }
+                None => false,
+            }
+        })
+        .await;
+        let held = pacs_b.instances().await.len();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(pacs_b.instances().await.len(), held, "nothing forwarded yet");
+        ok(&b, &["exchange", "reconcile", &queued, "--patient", "MRN-B-1"]);
+        wait_for("the reconciled study at B's PACS", || {
+            let jobs = json(&b, &["jobs", "list", "--json"]);
+            jobs.as_array()
+                .unwrap()
+                .iter()
+                .filter(|j| j["state"] == "done" && j["destination"] == "ORTHANCB")
+                .count()
+                == 2
+        })
+        .await;
+        assert_eq!(pacs_b.instances().await.len(), held + files.len());
+        drop(pacs_a);
+    }
 }

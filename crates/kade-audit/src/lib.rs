@@ -66,6 +66,11 @@ pub enum EventKind {
     /// Connections refused by a listener's connection budget (Security Alert), aggregated:
     /// one entry per source address, reason and minute, with the count.
     ConnectionRefused,
+    /// A gateway job's attempt to forward instances to a DIMSE peer (DICOM Instances
+    /// Transferred, 110104, as source): when it begins and how it ended.
+    Forward,
+    /// A gateway job made, retried or cancelled, or given up (dead-letter).
+    Job,
 }
 
 impl EventKind {
@@ -89,6 +94,8 @@ impl EventKind {
             EventKind::ExchangeImport => "exchange-import",
             EventKind::ExchangeRefused => "exchange-refused",
             EventKind::ConnectionRefused => "connection-refused",
+            EventKind::Forward => "forward",
+            EventKind::Job => "job",
         }
     }
 }

@@ -114,6 +114,7 @@ async fn run(
         actor: format!("user:{}", caller.principal.name),
         ae_title: None,
         address: Some(caller.address.to_string()),
+        received_via: Some("web".into()),
     };
     let mut outcomes: Vec<Outcome> = Vec::new();
     loop {

@@ -320,6 +320,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     actor,
                     ae_title: Some(calling),
                     address: Some(address),
+                    received_via: Some(format!("ae:{}", rq.called_ae_title.trim())),
                 };
                 self.limits = crate::c_find::Limits::of(&peer);
                 Some((neg, source, slot))
@@ -696,15 +697,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 "move destination is not a configured peer",
             );
         };
-        let (Some(port), true) = (
-            dest.port,
-            dest.host.prefix_len() == dest.host.max_prefix_len(),
-        ) else {
-            return refuse(
-                Status::MoveDestinationUnknown,
-                "move destination has no single address and port configured",
-            );
-        };
         let instances = match self.retrieved(sop_class, identifier, ts).await {
             Ok(i) => i,
             Err((status, why)) => return refuse(status, &why),
@@ -720,43 +712,33 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         *subject = c_move::Subject::of(&instances);
         self.audit_retrieve_start(source, &format!("C-MOVE to {destination}"), subject)
             .await;
-        let addr = (dest.host.addr(), port);
         let our_ae = self.ctx.opts.ae_title.to_string();
         let proposals = c_move::proposals(&instances);
-        let connect = async {
-            if !dest.tls {
-                return ScuAssociation::connect(addr, &our_ae, dest.ae_title.as_str(), &proposals)
-                    .await;
-            }
-            let Some(cfg) = self.ctx.opts.outbound_tls.clone() else {
-                return Err(crate::scu::ScuError::Protocol(
-                    "the destination is reached over TLS, but dicom.tls.peer_ca is not configured"
-                        .into(),
-                ));
-            };
-            let name = rustls::pki_types::ServerName::IpAddress(dest.host.addr().into());
-            ScuAssociation::connect_tls(
-                addr,
-                name,
-                cfg,
-                &our_ae,
-                dest.ae_title.as_str(),
-                &proposals,
-            )
-            .await
-        };
-        let mut out = match tokio::time::timeout(self.ctx.opts.establish_timeout, connect).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
+        let connect = ScuAssociation::connect_peer(
+            &dest,
+            &our_ae,
+            self.ctx.opts.outbound_tls.clone(),
+            &proposals,
+            self.ctx.opts.establish_timeout,
+        );
+        let mut out = match connect.await {
+            Ok(a) => a,
+            Err(crate::scu::ScuError::Unreachable(why)) => {
                 return refuse(
-                    Status::UnableToPerformSubOperations,
-                    &format!("destination: {e}"),
+                    Status::MoveDestinationUnknown,
+                    &format!("move destination: {why}"),
                 );
             }
-            Err(_) => {
+            Err(crate::scu::ScuError::Timeout) => {
                 return refuse(
                     Status::UnableToPerformSubOperations,
                     "destination did not answer",
+                );
+            }
+            Err(e) => {
+                return refuse(
+                    Status::UnableToPerformSubOperations,
+                    &format!("destination: {e}"),
                 );
             }
         };

@@ -19,10 +19,14 @@ pub struct PeerDirectory {
     index: Option<Index>,
     /// The index's peer table as last read for [`PeerDirectory::knows_address`], and when.
     addresses: Arc<Mutex<Option<PeerTable>>>,
+    /// The routes' called AE titles as last read, and when.
+    route_aes: Arc<Mutex<Option<RouteTitles>>>,
 }
 
 /// A copy of the index's peer table and when it was read.
 type PeerTable = (Instant, Vec<Peer>);
+/// The routes' called AE titles and when they were read.
+type RouteTitles = (Instant, Vec<String>);
 
 /// How long [`PeerDirectory::knows_address`] answers from its copy of the peer table: it is
 /// asked at every TCP accept, before anything is known of the connection, and must not let a
@@ -36,6 +40,7 @@ impl PeerDirectory {
             configured,
             index,
             addresses: Arc::default(),
+            route_aes: Arc::default(),
         }
     }
 
@@ -67,6 +72,33 @@ impl PeerDirectory {
         let known = peers.iter().any(|p| p.matches_address(addr));
         *self.addresses.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), peers));
         known
+    }
+
+    /// Whether `called` is the called AE title of a route (the index's `routes`), which Kade
+    /// answers to beside its own: a sender picks the route by calling it. Read from the index
+    /// at most every two seconds, like the peer table.
+    pub async fn is_route_ae(&self, called: &str) -> bool {
+        let Some(index) = &self.index else {
+            return false;
+        };
+        {
+            let cache = self.route_aes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, aes)) = &*cache
+                && at.elapsed() < ADDRESS_CACHE
+            {
+                return aes.iter().any(|a| a.eq_ignore_ascii_case(called));
+            }
+        }
+        let aes: Vec<String> = match index.routes().await {
+            Ok(routes) => routes.into_iter().filter_map(|r| r.called_ae).collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the routes");
+                Vec::new()
+            }
+        };
+        let found = aes.iter().any(|a| a.eq_ignore_ascii_case(called));
+        *self.route_aes.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), aes));
+        found
     }
 
     /// The peer with this AE title, wherever it connects from (C-MOVE destinations).
@@ -107,7 +139,7 @@ pub enum Refusal {
     ProtocolVersion,
     /// The application context is not DICOM's.
     ApplicationContext,
-    /// The called AE title is not Kade's.
+    /// The called AE title is neither Kade's nor a route's.
     CalledAe(String),
     /// The calling AE title is unknown, or not allowed from this address.
     CallingAe(String),
@@ -144,7 +176,9 @@ impl Refusal {
         match self {
             Refusal::ProtocolVersion => "protocol version not supported".into(),
             Refusal::ApplicationContext => "application context not supported".into(),
-            Refusal::CalledAe(ae) => format!("called AE title {ae:?} is not this node's"),
+            Refusal::CalledAe(ae) => {
+                format!("called AE title {ae:?} is neither this node's nor a route's")
+            }
             Refusal::CallingAe(ae) => {
                 format!("calling AE title {ae:?} is not a known peer from this address")
             }
@@ -174,7 +208,9 @@ pub async fn check(
         return Err(Refusal::ApplicationContext);
     }
     let called = rq.called_ae_title.trim();
-    if AeTitle::new(called).ok().as_ref() != Some(our_ae) {
+    let called_ae = AeTitle::new(called).ok();
+    let ours = called_ae.as_ref() == Some(our_ae);
+    if !ours && !peers.is_route_ae(called).await {
         return Err(Refusal::CalledAe(called.to_owned()));
     }
     let calling = rq.calling_ae_title.trim();

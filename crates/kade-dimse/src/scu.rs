@@ -38,6 +38,25 @@ pub enum ScuError {
     /// Anything else unexpected.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The peer entry has no single address and port to connect to.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The peer did not answer in time.
+    #[error("the peer did not answer in time")]
+    Timeout,
+}
+
+impl ScuError {
+    /// Whether trying again later may succeed: connection failures, time-outs, aborts and
+    /// transient rejections (e.g. the peer's association limit), but not a permanent
+    /// rejection (unknown AE title) or a peer that cannot be reached as configured.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ScuError::Io(_) | ScuError::Pdu(_) | ScuError::Aborted | ScuError::Timeout => true,
+            ScuError::Rejected(rj) => rj.result == dicom_ul::pdu::AssociationRJResult::Transient,
+            ScuError::NoContext(_) | ScuError::Protocol(_) | ScuError::Unreachable(_) => false,
+        }
+    }
 }
 
 /// A proposed presentation context: abstract syntax and transfer syntaxes.
@@ -101,6 +120,49 @@ impl ScuAssociation {
             .await?;
         let (r, w) = tokio::io::split(tls);
         Self::negotiate(Box::new(r), Box::new(w), calling, called, proposals).await
+    }
+
+    /// Connects to a configured peer as `our_ae`: to its one address and port, over DICOM
+    /// TLS when its entry says `tls` (verified with `tls`, which must then be given), within
+    /// `timeout` for the connection and the negotiation. Used by C-MOVE and by the gateway's
+    /// forwards.
+    ///
+    /// # Errors
+    /// [`ScuError::Unreachable`] when the peer entry has no single address and port,
+    /// [`ScuError::Protocol`] when it asks for TLS without a client configuration (both
+    /// permanent), [`ScuError::Timeout`], and the errors of [`ScuAssociation::connect`].
+    pub async fn connect_peer(
+        peer: &kade_core::Peer,
+        our_ae: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        proposals: &[Proposal],
+        timeout: std::time::Duration,
+    ) -> Result<Self, ScuError> {
+        let (Some(port), true) = (
+            peer.port,
+            peer.host.prefix_len() == peer.host.max_prefix_len(),
+        ) else {
+            return Err(ScuError::Unreachable(
+                "the peer has no single address and port configured".into(),
+            ));
+        };
+        let addr = (peer.host.addr(), port);
+        let called = peer.ae_title.as_str();
+        let connect = async {
+            if !peer.tls {
+                return Self::connect(addr, our_ae, called, proposals).await;
+            }
+            let Some(cfg) = tls else {
+                return Err(ScuError::Protocol(
+                    "the peer is reached over TLS, but dicom.tls.peer_ca is not configured".into(),
+                ));
+            };
+            let name = rustls::pki_types::ServerName::IpAddress(peer.host.addr().into());
+            Self::connect_tls(addr, name, cfg, our_ae, called, proposals).await
+        };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .unwrap_or(Err(ScuError::Timeout))
     }
 
     async fn negotiate(

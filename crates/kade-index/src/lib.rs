@@ -7,6 +7,7 @@
 //!   ingest path can add its audit entry to the same commit.
 //! - [`read`]: statistics, lookups and the blob inventory used by `kade verify` and `kade fsck`.
 //! - [`peers`]: the DIMSE peer table behind `kade peer add/list/remove`.
+//! - [`gateway`]: routing rules, the durable job queue and the router (gateway mode).
 //! - [`query`]: the query model shared by QIDO-RS and C-FIND (matching per PS3.4 C.2.2.2).
 //!
 //! # Backends
@@ -15,6 +16,7 @@
 //! SQLite allows one writer at a time, so the index keeps a one-connection write pool and a
 //! separate read pool; PostgreSQL uses one pool for both.
 
+pub mod gateway;
 pub mod peers;
 pub mod query;
 pub mod read;
@@ -122,6 +124,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "patient other ids",
         include_str!("../../../migrations/sqlite/0009_patient_other_ids.sql"),
     ),
+    (
+        10,
+        "gateway",
+        include_str!("../../../migrations/sqlite/0010_gateway.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -168,6 +175,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         9,
         "patient other ids",
         include_str!("../../../migrations/postgres/0009_patient_other_ids.sql"),
+    ),
+    (
+        10,
+        "gateway",
+        include_str!("../../../migrations/postgres/0010_gateway.sql"),
     ),
 ];
 

@@ -26,6 +26,8 @@ pub struct NewInstance<'a> {
     pub source_ae: Option<&'a str>,
     /// Network address it came from.
     pub source_address: Option<&'a str>,
+    /// How it arrived, for routing: `ae:CALLED` (DIMSE), `exchange:ORG`, `web`.
+    pub received_via: Option<&'a str>,
     /// DICOM JSON without bulk data.
     pub metadata_json: &'a str,
 }
@@ -110,10 +112,11 @@ async fn insert_placed(
     let Placement { study, series } = placement;
 
     let sql = format!(
-        "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) \
+        "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}, $18) \
          ON CONFLICT (sop_uid) DO NOTHING RETURNING id"
     );
     let id: Option<i64> = bind_instance(sqlx::query(&sql), rec, series, now)
+        .bind(rec.received_via)
         .fetch_optional(&mut *tx)
         .await?
         .map(|r| r.try_get(0))
@@ -239,7 +242,7 @@ pub async fn insert_into_series_audited(
         sqlite_item_sql()
     } else {
         format!(
-            "WITH ins AS (INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) \
+            "WITH ins AS (INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}, $32) \
              RETURNING id), \
              meta AS (INSERT INTO instance_metadata (instance_fk, json) SELECT id, $18 FROM ins), \
              se AS ({UPDATE_SERIES}), st AS ({UPDATE_STUDY}), \
@@ -291,7 +294,7 @@ pub async fn commit_batch_sqlite(
     head: (i64, &str),
     durable: bool,
 ) -> Result<Result<Vec<i64>, IndexError>, IndexError> {
-    const PER_ITEM: usize = 31;
+    const PER_ITEM: usize = 32;
     let mut sql = String::with_capacity(items.len() * 1200 + 200);
     if !durable {
         sql.push_str("PRAGMA synchronous = NORMAL; ");
@@ -409,18 +412,18 @@ async fn one_round_trip<'q>(
 }
 
 /// SQLite: one instance into a known series, its counts and its audit entry, as statements
-/// bound by [`bind_item`] (`$1`…`$31`).
+/// bound by [`bind_item`] (`$1`…`$32`).
 fn sqlite_item_sql() -> String {
     format!(
-        "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}) RETURNING id; \
+        "INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES ({INSTANCE_VALUES}, $32) RETURNING id; \
          INSERT INTO instance_metadata (instance_fk, json) VALUES (last_insert_rowid(), $18); \
          {UPDATE_SERIES}; {UPDATE_STUDY}; \
          INSERT INTO audit_log ({AUDIT_COLUMNS}) VALUES ({AUDIT_VALUES})"
     )
 }
 
-/// Binds an instance (`$1`…`$17`), its DICOM JSON (`$18`), its study row (`$19`) and its audit
-/// entry (`$20`…`$31`).
+/// Binds an instance (`$1`…`$17`), its DICOM JSON (`$18`), its study row (`$19`), its audit
+/// entry (`$20`…`$31`) and how it arrived (`$32`).
 fn bind_item<'q>(
     q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
     rec: &NewInstance<'q>,
@@ -431,7 +434,7 @@ fn bind_item<'q>(
     let q = bind_instance(q, rec, placement.series, now)
         .bind(rec.metadata_json)
         .bind(placement.study);
-    bind_audit(q, audit)
+    bind_audit(q, audit).bind(rec.received_via)
 }
 
 /// Appends `template` to `out` with every `$N` placeholder shifted to `$(N + by)`.
@@ -452,7 +455,7 @@ fn renumber(template: &str, by: usize, out: &mut String) {
 const INSTANCE_COLUMNS: &str = "sop_uid, series_fk, sop_class_uid, instance_number, pixel_rows, \
      pixel_columns, number_of_frames, bits_allocated, transfer_syntax_uid, \
      specific_character_set, blob_key, size_bytes, sha256, dataset_sha256, received_at, \
-     source_ae, source_address";
+     source_ae, source_address, received_via";
 const INSTANCE_VALUES: &str =
     "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17";
 /// The series' counts (`$2` series id, `$12` size, `$15` time).

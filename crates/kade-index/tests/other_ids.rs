@@ -75,6 +75,7 @@ fn rec<'a>(a: &'a InstanceAttributes, json: &'a str) -> NewInstance<'a> {
         dataset_sha256: "00",
         source_ae: None,
         source_address: None,
+        received_via: None,
         metadata_json: json,
     }
 }

@@ -108,6 +108,7 @@ async fn fill(index: &Index) {
                 dataset_sha256: "00",
                 source_ae: None,
                 source_address: None,
+                received_via: None,
                 metadata_json: "{}",
             };
             insert_instance(&mut tx, &rec).await.unwrap();

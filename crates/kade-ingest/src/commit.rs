@@ -264,6 +264,7 @@ fn new_instance(job: &Job) -> NewInstance<'_> {
         dataset_sha256: "",
         source_ae: job.source.ae_title.as_deref(),
         source_address: job.source.address.as_deref(),
+        received_via: job.source.received_via.as_deref(),
         metadata_json: &r.metadata_json,
     }
 }

@@ -62,6 +62,10 @@ pub struct Source {
     pub ae_title: Option<String>,
     /// The peer's IP address.
     pub address: Option<String>,
+    /// How it arrived, for routing (see the index's `gateway` module): `ae:CALLED` for
+    /// DIMSE (the AE title the peer called: Kade's own or a route's), `exchange:ORG` for an
+    /// import from the exchange, `web` for STOW-RS.
+    pub received_via: Option<String>,
 }
 
 /// How an instance was handled.
@@ -504,6 +508,7 @@ impl Ingest {
             actor: "kade:recovery".to_owned(),
             ae_title: None,
             address: None,
+            received_via: None,
         };
         let rec = commit::Record {
             attrs: parsed.attrs,

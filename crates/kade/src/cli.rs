@@ -26,6 +26,8 @@ Examples:
   kade stats --json                           archive totals as JSON
   kade verify                                 re-hash every stored blob
   kade exchange send --study 1.2.3 --to 07654321 --reason \"Referral\"
+  kade route add to-hospb --called-ae HOSPB --to-org HOSPB --reason \"Referral\"
+  kade jobs list --state failed
   kade --config /etc/kade/kade.toml serve     use a configuration file";
 
 /// Options shared by every command.
@@ -96,6 +98,127 @@ pub enum Command {
     /// Run the exchange mailbox: a relay that holds only ciphertext between hospitals.
     #[command(subcommand)]
     Mailbox(MailboxCommand),
+    /// Gateway mode: rules that forward what arrives to a DIMSE peer or another hospital.
+    #[command(subcommand)]
+    Route(RouteCommand),
+    /// Gateway mode: the queue of forwards and sends (list, show, retry, cancel, add).
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+/// `kade route …`.
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Add a routing rule, or replace the one with the same name. What arrives and matches
+    /// every criterion given is collected per study and forwarded by a job once no instance
+    /// arrived for --quiet-secs.
+    #[command(
+        after_help = "A route with --called-ae makes Kade answer to that AE title too: in the hospital\nPACS, add a DICOM node with that AE title and Kade's address and port, and \"send\nto\" it. Imports from the exchange are matched only by routes with --from-exchange.\n\nExamples:\n  kade route add to-hospb --called-ae HOSPB --to-org HOSPB --reason \"Referral\"\n  kade route add inbound --from-exchange '*' --to-peer MAINPACS\n  kade route add ct-copy --modality CT --to-peer RESEARCH --quiet-secs 0"
+    )]
+    Add {
+        /// The route's name.
+        name: String,
+        /// Forward by C-STORE to this DIMSE peer (see kade peer add; it needs --port).
+        #[arg(long, value_name = "AE")]
+        to_peer: Option<String>,
+        /// Send through the exchange to this organisation.
+        #[arg(long, value_name = "ORG")]
+        to_org: Option<String>,
+        /// Match what senders store to this AE title (Kade then answers to it).
+        #[arg(long, value_name = "AE")]
+        called_ae: Option<String>,
+        /// Match what this AE title sends.
+        #[arg(long, value_name = "AE")]
+        calling_ae: Option<String>,
+        /// Match series of this modality (CT, MR…).
+        #[arg(long)]
+        modality: Option<String>,
+        /// Match instances of this SOP Class UID.
+        #[arg(long, value_name = "UID")]
+        sop_class: Option<String>,
+        /// Match studies imported from the exchange: from this organisation, or '*' for any.
+        #[arg(long, value_name = "ORG")]
+        from_exchange: Option<String>,
+        /// Seconds without a matching arrival after which a study counts as complete
+        /// (default 30 for --to-org, 0 for --to-peer).
+        #[arg(long, value_name = "SECS")]
+        quiet_secs: Option<u32>,
+        /// --to-org: the reason for referral sent with each study.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// List the routing rules.
+    #[command(after_help = "Examples:\n  kade route list\n  kade route list --json")]
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a routing rule (its jobs stay).
+    #[command(after_help = "Example:\n  kade route remove to-hospb")]
+    Remove {
+        /// The route's name.
+        name: String,
+    },
+}
+
+/// `kade jobs …`.
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    #[command(
+        after_help = "States: collecting (a route still gathers the study), queued, running, done,\nfailed (stopped for good, with the reason: see kade jobs show), cancelled.\n\nExamples:\n  kade jobs list\n  kade jobs list --state failed\n  kade jobs list --json"
+    )]
+    List {
+        /// Only jobs in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Most jobs listed.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job, with the instances the destination refused and why.
+    #[command(after_help = "Example:\n  kade jobs show 12")]
+    Show {
+        /// Job id.
+        id: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue a failed or cancelled job again (refused instances included).
+    #[command(after_help = "Example:\n  kade jobs retry 12")]
+    Retry {
+        /// Job id.
+        id: i64,
+    },
+    /// Cancel a job that has not ended; a running one stops after its current instance.
+    #[command(after_help = "Example:\n  kade jobs cancel 12")]
+    Cancel {
+        /// Job id.
+        id: i64,
+    },
+    /// Queue a send of a stored study to a DIMSE peer or an exchange organisation.
+    #[command(
+        after_help = "Examples:\n  kade jobs add --study 1.2.840.113619.2.55.3 --to-peer MAINPACS\n  kade jobs add --study 1.2.3 --to-org HOSPB --reason \"Second opinion\""
+    )]
+    Add {
+        /// Study Instance UID.
+        #[arg(long, value_name = "UID")]
+        study: String,
+        /// To this DIMSE peer.
+        #[arg(long, value_name = "AE")]
+        to_peer: Option<String>,
+        /// To this exchange organisation.
+        #[arg(long, value_name = "ORG")]
+        to_org: Option<String>,
+        /// --to-org: reason for referral.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
 }
 
 /// `kade exchange …`.
@@ -126,7 +249,9 @@ pub enum ExchangeCommand {
     },
     /// Package, encrypt, sign and upload a study for another organisation.
     #[command(
-        after_help = "Shows a summary first; sends larger than exchange.confirm_above_bytes ask for\nconfirmation (or --yes). A dropped connection is resumed: only chunks the mailbox\ndoes not hold are sent again.\n\nExamples:\n  kade exchange send --study 1.2.840.113619.2.55.3 --to 07654321 --reason \"Second opinion, suspected PE\"\n  kade exchange send --study 1.2.3 --to 07654321 --reason \"Referral\" --for \"Dr. J. de Vries\" --yes"
+        after_help = "Shows a summary first; sends larger than exchange.confirm_above_bytes ask for\nconfirmation (or --yes). A dropped connection is resumed: only chunks the mailbox\ndoes not hold are sent again.\n\nExamples:\n  kade exchange send --study 1.2.840.113619.2.55.3 --to 07654321 --reason \"Second opinion, suspected PE\"\n  kade exchange send --study 1.2.3 --to 07654321 --reason \"Referral\"
+  kade route add to-hospb --called-ae HOSPB --to-org HOSPB --reason \"Referral\"
+  kade jobs list --state failed --for \"Dr. J. de Vries\" --yes"
     )]
     Send {
         /// Study Instance UID.

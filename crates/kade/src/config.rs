@@ -46,6 +46,67 @@ pub struct Config {
     /// The exchange mailbox service (`kade mailbox serve`).
     #[serde(default)]
     pub mailbox: MailboxConfig,
+    /// Gateway mode: the router and the job runners (`kade route`, `kade jobs`).
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+}
+
+/// `[gateway]`: forwarding what arrives by the routing rules (`kade route add`) and running
+/// the job queue (`kade jobs`) inside `kade serve`. Jobs live in the index, so they survive
+/// restarts and are shared by nodes on one PostgreSQL database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Run the router and the job runners in `kade serve`. Default true (with no routes and
+    /// no jobs they only look at the index twice a second).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Jobs this node runs at once. Default 2.
+    #[serde(default = "default_gateway_workers")]
+    pub workers: usize,
+    /// Seconds before the first retry after a transient failure (destination down or busy);
+    /// doubled after each further failure. Default 5.
+    #[serde(default = "default_retry_initial")]
+    pub retry_initial_secs: u64,
+    /// Longest wait between retries, seconds. Default 300.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_secs: u64,
+    /// A job that has failed transiently for this many hours is failed for good (the
+    /// dead-letter state, `kade jobs list --state failed`). Default 72.
+    #[serde(default = "default_give_up_hours")]
+    pub give_up_after_hours: u64,
+    /// Seconds to connect to and negotiate with a destination. Default 10.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            enabled: true,
+            workers: default_gateway_workers(),
+            retry_initial_secs: default_retry_initial(),
+            retry_max_secs: default_retry_max(),
+            give_up_after_hours: default_give_up_hours(),
+            connect_timeout_secs: default_connect_timeout(),
+        }
+    }
+}
+
+fn default_gateway_workers() -> usize {
+    2
+}
+fn default_retry_initial() -> u64 {
+    5
+}
+fn default_retry_max() -> u64 {
+    300
+}
+fn default_give_up_hours() -> u64 {
+    72
+}
+fn default_connect_timeout() -> u64 {
+    10
 }
 
 /// `[exchange]`: sending and receiving studies through a mailbox. The identity, the mailbox

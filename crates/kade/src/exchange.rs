@@ -823,7 +823,10 @@ struct ApiState {
     confirm_above_bytes: u64,
 }
 
-fn api_json(status: axum::http::StatusCode, v: serde_json::Value) -> axum::response::Response {
+pub(crate) fn api_json(
+    status: axum::http::StatusCode,
+    v: serde_json::Value,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
     (
         status,
@@ -872,9 +875,27 @@ pub fn api_router(
     ))
 }
 
-/// Authenticates an admin; the error is the response to send.
 async fn api_admin(
     st: &ApiState,
+    headers: &axum::http::HeaderMap,
+    ext: &axum::http::Extensions,
+    what: &str,
+) -> Result<kade_auth::Principal, axum::response::Response> {
+    admin_principal(
+        &st.auth,
+        &st.node.audit,
+        headers,
+        ext,
+        &format!("exchange API {what}"),
+    )
+    .await
+}
+
+/// Authenticates an admin for the node's HTTP API (`what`: the API and operation, for the
+/// audit log); the error is the response to send (401 or 403, audited).
+pub(crate) async fn admin_principal(
+    auth: &kade_auth::Auth,
+    audit: &kade_audit::Audit,
     headers: &axum::http::HeaderMap,
     ext: &axum::http::Extensions,
     what: &str,
@@ -889,7 +910,7 @@ async fn api_admin(
     let authz = headers
         .get(axum::http::header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or_default().to_owned());
-    match st.auth.authenticate(authz.as_deref(), ip).await {
+    match auth.authenticate(authz.as_deref(), ip).await {
         Ok(p) if p.may(kade_auth::Action::Admin) && p.study.is_none() => Ok(p),
         Ok(p) => {
             let ev = AuditEvent::new(
@@ -898,11 +919,11 @@ async fn api_admin(
                 format!("user:{}", p.name),
             )
             .address(ip.to_string())
-            .detail(format!("exchange API {what}: needs the admin role"));
-            let _ = st.node.audit.record(&ev).await;
+            .detail(format!("{what}: needs the admin role"));
+            let _ = audit.record(&ev).await;
             Err(api_json(
                 StatusCode::FORBIDDEN,
-                serde_json::json!({"error": "the exchange API needs the admin role"}),
+                serde_json::json!({"error": format!("{what} needs the admin role")}),
             ))
         }
         Err(d) => {
@@ -912,8 +933,8 @@ async fn api_admin(
                 "anonymous",
             )
             .address(ip.to_string())
-            .detail(format!("exchange API {what}: {}", d.as_str()));
-            let _ = st.node.audit.record(&ev).await;
+            .detail(format!("{what}: {}", d.as_str()));
+            let _ = audit.record(&ev).await;
             Err(api_json(
                 StatusCode::UNAUTHORIZED,
                 serde_json::json!({"error": format!("authentication required: {}", d.as_str())}),

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod exchange;
+pub mod gateway;
 pub mod https;
 pub mod node;
 pub mod serve;
@@ -44,6 +45,8 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Token(cmd) => users::token(&cfg, cmd).await.map(|()| true)?,
         Command::Mailbox(cmd) => exchange::mailbox(&cfg, cmd).await.map(|()| true)?,
         Command::Exchange(cmd) => exchange::exchange(&cfg, cmd).await?,
+        Command::Route(cmd) => gateway::route(&cfg, cmd).await.map(|()| true)?,
+        Command::Jobs(cmd) => gateway::jobs(&cfg, cmd).await.map(|()| true)?,
         Command::Viewer(cli::ViewerCommand::Install { ohif_version, from }) => {
             let dir = viewer::install(&cfg.data_dir, &ohif_version, from.as_deref())?;
             println!(

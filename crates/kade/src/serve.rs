@@ -71,21 +71,6 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
             "exchange: receiving bundles from the mailbox"
         );
     }
-    let web = if cfg.http.enabled {
-        Some(start_web(&cfg, &node).await?)
-    } else {
-        tracing::warn!("http.enabled is false: no DICOMweb, no viewer");
-        None
-    };
-    let plain = if cfg.dicom.plain {
-        let addr = format!("{}:{}", cfg.dicom.bind, cfg.dicom.port);
-        let listener = TcpListener::bind(&addr).await.with_context(|| {
-            format!("cannot listen on {addr}: is another program using the port? Choose one with --port or dicom.port")
-        })?;
-        Some(listener)
-    } else {
-        None
-    };
     let dicom_cert = || -> anyhow::Result<https::CertSource> {
         let t = &cfg.dicom.tls;
         Ok(match (&t.cert, &t.key) {
@@ -100,6 +85,23 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     let outbound_tls = match &cfg.dicom.tls.peer_ca {
         Some(ca) => Some(https::dicom_client_config(&dicom_cert()?, ca)?),
         None => None,
+    };
+    let peers = PeerDirectory::new(cfg.dicom.peers.clone(), Some(node.index.clone()));
+    let gateway = gateway(&cfg, &node, &peers, outbound_tls.clone())?;
+    let web = if cfg.http.enabled {
+        Some(start_web(&cfg, &node, &gateway).await?)
+    } else {
+        tracing::warn!("http.enabled is false: no DICOMweb, no viewer");
+        None
+    };
+    let plain = if cfg.dicom.plain {
+        let addr = format!("{}:{}", cfg.dicom.bind, cfg.dicom.port);
+        let listener = TcpListener::bind(&addr).await.with_context(|| {
+            format!("cannot listen on {addr}: is another program using the port? Choose one with --port or dicom.port")
+        })?;
+        Some(listener)
+    } else {
+        None
     };
     let secure = if cfg.dicom.tls.enabled {
         let t = &cfg.dicom.tls;
@@ -151,7 +153,6 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     opts.establish_timeout = Duration::from_secs(d.establish_timeout_secs);
     opts.read_timeout = Duration::from_secs(d.read_timeout_secs);
     opts.outbound_tls = outbound_tls;
-    let peers = PeerDirectory::new(d.peers.clone(), Some(node.index.clone()));
     // One server for both listeners: they share the connection and association budgets.
     let server = DimseServer::new(
         opts.clone(),
@@ -169,6 +170,10 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let gateway_task = cfg
+        .gateway
+        .enabled
+        .then(|| tokio::spawn(gateway.run(stop_rx.clone())));
     let web = web.map(|(listener, tls, app)| {
         let limits = https::Limits::of(&cfg.http, Some(node.audit.clone()));
         tokio::spawn(https::serve(
@@ -195,6 +200,9 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(w) = web {
         let _ = w.await;
     }
+    if let Some(g) = gateway_task {
+        let _ = g.await;
+    }
     if let Err(e) = node.audit.sync().await {
         tracing::error!(error = %e, "could not sync the audit log before stopping");
     }
@@ -205,9 +213,73 @@ pub async fn run(mut cfg: Config, args: ServeArgs) -> anyhow::Result<()> {
 
 /// Binds the HTTPS listener and builds the DICOMweb service; prints the listening line, the
 /// certificate fingerprint and, on first start, the admin token.
+/// The gateway's router and job runners for this node (see `kade_gateway`).
+fn gateway(
+    cfg: &Config,
+    node: &Node,
+    peers: &PeerDirectory,
+    outbound_tls: Option<Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<kade_gateway::Gateway> {
+    let g = &cfg.gateway;
+    let mut opts = kade_gateway::Options::new(cfg.dicom.ae_title.clone());
+    opts.outbound_tls = outbound_tls;
+    opts.connect_timeout = Duration::from_secs(g.connect_timeout_secs.max(1));
+    opts.workers = g.workers.max(1);
+    opts.retry_initial = Duration::from_secs(g.retry_initial_secs.max(1));
+    opts.retry_max = Duration::from_secs(g.retry_max_secs.max(g.retry_initial_secs).max(1));
+    opts.give_up_after = Duration::from_secs(g.give_up_after_hours * 3600);
+    opts.bundle_lifetime_secs = cfg.exchange.bundle_lifetime_days * 86400;
+    opts.chunk_bytes = cfg.exchange.chunk_bytes;
+    let exchange_dir = kade_exchange::node::dir(&cfg.data_dir);
+    let exchange = if exchange_dir.join("settings.json").exists() {
+        Some(kade_exchange::node::ExchangeNode::open(
+            &cfg.data_dir,
+            node.index.clone(),
+            node.store.clone(),
+            node.ingest.clone(),
+            node.audit.clone(),
+        )?)
+    } else {
+        None
+    };
+    Ok(kade_gateway::Gateway::new(
+        node.index.clone(),
+        node.store.clone(),
+        node.audit.clone(),
+        peers.clone(),
+        exchange,
+        opts,
+        &node_id(&cfg.data_dir)?,
+    ))
+}
+
+/// This node's name among the nodes sharing an index: `DATA_DIR/node-id`, made on first
+/// start (host name and a random suffix).
+fn node_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_owned());
+        }
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let id = format!(
+        "{}-{:08x}",
+        if host.is_empty() { "kade" } else { &host },
+        rand::random::<u32>()
+    );
+    std::fs::write(&path, format!("{id}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}
+
 async fn start_web(
     cfg: &Config,
     node: &Node,
+    gateway: &kade_gateway::Gateway,
 ) -> anyhow::Result<(TcpListener, https::SharedTls, axum::Router)> {
     let h = &cfg.http;
     let src = https::cert_source(h, &cfg.data_dir)?;
@@ -241,12 +313,16 @@ async fn start_web(
         .nest("/dicom-web", kade_dicomweb::router(web.clone()))
         .route(
             "/healthz",
-            axum::routing::get(kade_dicomweb::healthz).with_state(web),
+            axum::routing::get(kade_dicomweb::healthz).with_state(web.clone()),
         )
         .merge(viewer::router(viewer::dir(&cfg.data_dir)));
     if let Some(api) = exchange_api {
         app = app.nest("/api/exchange", api);
     }
+    app = app.nest(
+        "/api",
+        crate::gateway::api_router(node, web.auth.clone(), gateway.clone()),
+    );
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

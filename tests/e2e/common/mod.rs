@@ -12,6 +12,8 @@ use kade_index::Index;
 use kade_testkit::tools;
 use sqlx::Connection;
 
+pub mod orthanc;
+
 /// A backend combination the suite runs on.
 #[derive(Debug, Clone)]
 pub struct Backend {

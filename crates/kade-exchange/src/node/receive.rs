@@ -873,6 +873,7 @@ fn org_source(sender: &str) -> Source {
         actor: format!("org:{sender}"),
         ae_title: None,
         address: None,
+        received_via: Some(format!("exchange:{sender}")),
     }
 }
 

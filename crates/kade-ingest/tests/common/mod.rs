@@ -86,6 +86,7 @@ pub fn source() -> Source {
         actor: "ae:TEST".into(),
         ae_title: Some("TEST".into()),
         address: Some("127.0.0.1".into()),
+        received_via: Some("ae:KADE".into()),
     }
 }
 
