@@ -1269,13 +1269,30 @@ async fn a_study_flows_from_as_pacs_to_bs_pacs_through_both_gateways() {
         ok(
             &a,
             &[
-                "route", "add", "to-hospb", "--called-ae", "HOSPB", "--to-org", "HOSPB",
-                "--reason", "Referral", "--quiet-secs", "2",
+                "route",
+                "add",
+                "to-hospb",
+                "--called-ae",
+                "HOSPB",
+                "--to-org",
+                "HOSPB",
+                "--reason",
+                "Referral",
+                "--quiet-secs",
+                "2",
             ],
         );
         ok(
             &b,
-            &["route", "add", "inbound", "--from-exchange", "*", "--to-peer", "ORTHANCB"],
+            &[
+                "route",
+                "add",
+                "inbound",
+                "--from-exchange",
+                "*",
+                "--to-peer",
+                "ORTHANCB",
+            ],
         );
         let Some(pacs_a) =
             crate::common::orthanc::Orthanc::start("ORTHANCA", &[("KADEGW", "HOSPB", a.port)])
@@ -1313,7 +1330,11 @@ async fn a_study_flows_from_as_pacs_to_bs_pacs_through_both_gateways() {
             "matched by BSN, imported without a person"
         );
         let ids = pacs_b.instances().await;
-        assert_eq!(ids.len() - before, files.len(), "every instance at B's PACS");
+        assert_eq!(
+            ids.len() - before,
+            files.len(),
+            "every instance at B's PACS"
+        );
         for f in &files {
             let original = std::fs::read(f).unwrap();
             let sop = kade_testkit::part10::Part10::parse(original.clone())
@@ -1365,8 +1386,15 @@ async fn a_study_flows_from_as_pacs_to_bs_pacs_through_both_gateways() {
         .await;
         let held = pacs_b.instances().await.len();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(pacs_b.instances().await.len(), held, "nothing forwarded yet");
-        ok(&b, &["exchange", "reconcile", &queued, "--patient", "MRN-B-1"]);
+        assert_eq!(
+            pacs_b.instances().await.len(),
+            held,
+            "nothing forwarded yet"
+        );
+        ok(
+            &b,
+            &["exchange", "reconcile", &queued, "--patient", "MRN-B-1"],
+        );
         wait_for("the reconciled study at B's PACS", || {
             let jobs = json(&b, &["jobs", "list", "--json"]);
             jobs.as_array()
