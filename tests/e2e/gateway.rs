@@ -3,46 +3,13 @@
 //! good, and Kade killed mid-forward.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kade_testkit::r#gen::{CtSpec, ct_study};
 use kade_testkit::tools;
 
-use crate::common::{self, Node, dataset_of, list_files};
-
-/// storescp on a given port (so that it can come back on the same one), writing into `dir`.
-struct Scp {
-    child: Child,
-}
-
-impl Scp {
-    fn start(storescp: &Path, port: u16, dir: &Path, extra: &[&str]) -> Scp {
-        let child = Command::new(storescp)
-            .args(extra)
-            .args(["-aet", "PACSB", "-od"])
-            .arg(dir)
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Scp { child }
-    }
-}
-
-impl Drop for Scp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use crate::common::{self, Node, StoreScp, dataset_of};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -104,9 +71,9 @@ fn wait_job(
     }
 }
 
-/// The data sets of the files in `dir`, sorted.
-fn datasets(dir: &Path) -> Vec<Vec<u8>> {
-    let mut v: Vec<Vec<u8>> = list_files(dir)
+/// The data sets of `files`, sorted.
+fn datasets(files: &[PathBuf]) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = files
         .iter()
         .map(|f| dataset_of(&std::fs::read(f).unwrap()))
         .collect();
@@ -150,8 +117,7 @@ async fn a_route_forwards_what_arrives_and_retries_until_the_destination_is_back
         assert!(tools::text(&listed).contains("called AE FWD → peer PACSB"));
 
         // Kade answers to the route's AE title; the study is forwarded once it is quiet.
-        let received = tempfile::tempdir().unwrap();
-        let scp = Scp::start(&storescp, port, received.path(), &[]);
+        let scp = StoreScp::start_on(&storescp, "PACSB", port, &[]);
         let src = tempfile::tempdir().unwrap();
         let files = ct_study(src.path(), &CtSpec::small(2, 2));
         store_to(&storescu, &node, "FWD", &files);
@@ -162,17 +128,9 @@ async fn a_route_forwards_what_arrives_and_retries_until_the_destination_is_back
         );
         assert_eq!(job["kind"], "dimse-store");
         assert_eq!(job["requested_by"], "route:fwd");
-        let sent: Vec<Vec<u8>> = {
-            let mut v: Vec<_> = files
-                .iter()
-                .map(|f| dataset_of(&std::fs::read(f).unwrap()))
-                .collect();
-            v.sort();
-            v
-        };
         assert_eq!(
-            datasets(received.path()),
-            sent,
+            datasets(&scp.files()),
+            datasets(&files),
             "{}: the destination holds every instance, data set byte for byte",
             backend.name
         );
@@ -201,11 +159,10 @@ async fn a_route_forwards_what_arrives_and_retries_until_the_destination_is_back
             job["last_error"].as_str().unwrap().contains("PACSB"),
             "{job}"
         );
-        let back = tempfile::tempdir().unwrap();
-        let _scp = Scp::start(&storescp, port, back.path(), &[]);
+        let back = StoreScp::start_on(&storescp, "PACSB", port, &[]);
         let job = wait_job(&node, Some(id), "done", |j| j["state"] == "done");
         assert_eq!(job["sent"], 3);
-        assert_eq!(datasets(back.path()).len(), 3, "each instance once");
+        assert_eq!(back.files().len(), 3, "each instance once");
 
         // A destination that cannot be reached as configured: the dead-letter state.
         store_to(
@@ -278,9 +235,8 @@ async fn a_forward_killed_mid_way_resumes_after_restart() {
             "0",
         ],
     );
-    let received = tempfile::tempdir().unwrap();
     // A second per instance, so that the forward is still going when Kade is killed.
-    let scp = Scp::start(&storescp, port, received.path(), &["--sleep-during", "1"]);
+    let scp = StoreScp::start_on(&storescp, "PACSB", port, &["--sleep-during", "1"]);
     let src = tempfile::tempdir().unwrap();
     let files = ct_study(src.path(), &CtSpec::small(1, 8));
     store_to(&storescu, &node, "FWD", &files);
@@ -294,9 +250,8 @@ async fn a_forward_killed_mid_way_resumes_after_restart() {
     let job = wait_job(&node, job["id"].as_i64(), "done", |j| j["state"] == "done");
     assert_eq!(job["sent"], 8);
     assert!(job["attempts"].as_i64() >= Some(2), "{job}");
-    drop(scp);
     assert_eq!(
-        datasets(received.path()).len(),
+        scp.files().len(),
         8,
         "every instance at the destination after the restart"
     );

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use kade_audit::{AuditEvent, EventKind, Outcome};
 use kade_dimse::c_move;
 use kade_dimse::scu::ScuAssociation;
-use kade_index::gateway::{Attempt, Job};
+use kade_index::gateway::Job;
 use tokio::sync::watch;
 
 use crate::{Gateway, Ran};
@@ -37,26 +37,6 @@ fn answer(status: u16) -> Answer {
     }
 }
 
-fn transient(detail: String) -> Ran {
-    Ran {
-        attempt: Attempt::Transient {
-            error: detail.clone(),
-            retry_at: 0,
-            give_up_after: 0,
-        },
-        detail,
-    }
-}
-
-fn permanent(detail: String) -> Ran {
-    Ran {
-        attempt: Attempt::Permanent {
-            error: detail.clone(),
-        },
-        detail,
-    }
-}
-
 /// Runs one attempt of `job`.
 pub(crate) async fn run(gw: &Gateway, job: &Job, stop: watch::Receiver<bool>) -> Ran {
     let peer = match kade_core::AeTitle::new(&job.destination) {
@@ -64,18 +44,18 @@ pub(crate) async fn run(gw: &Gateway, job: &Job, stop: watch::Receiver<bool>) ->
         Err(_) => None,
     };
     let Some(peer) = peer else {
-        return permanent(format!(
+        return Ran::Fail(format!(
             "{} is not a configured peer: add it with `kade peer add {} --host ADDRESS --port PORT`",
             job.destination, job.destination
         ));
     };
     let instances = match gw.index.pending_job_instances(job.id).await {
         Ok(i) => i,
-        Err(e) => return transient(format!("cannot read the job's instances: {e}")),
+        Err(e) => return Ran::Retry(format!("cannot read the job's instances: {e}")),
     };
     if instances.is_empty() {
-        return Ran {
-            attempt: Attempt::Done { result: None },
+        return Ran::Done {
+            result: None,
             detail: "nothing left to send".into(),
         };
     }
@@ -107,8 +87,8 @@ pub(crate) async fn run(gw: &Gateway, job: &Job, stop: watch::Receiver<bool>) ->
     );
     let mut out = match connect.await {
         Ok(a) => a,
-        Err(e) if e.is_transient() => return transient(format!("{}: {e}", job.destination)),
-        Err(e) => return permanent(format!("{}: {e}", job.destination)),
+        Err(e) if e.is_transient() => return Ran::Retry(format!("{}: {e}", job.destination)),
+        Err(e) => return Ran::Fail(format!("{}: {e}", job.destination)),
     };
     let (plan, mut blobs) = c_move::start(
         gw.store.clone(),
@@ -122,7 +102,7 @@ pub(crate) async fn run(gw: &Gateway, job: &Job, stop: watch::Receiver<bool>) ->
     let mut stopped: Option<Ran> = None;
     for (i, chosen) in instances.iter().zip(&plan) {
         if *stop.borrow() {
-            stopped = Some(transient("Kade is stopping".into()));
+            stopped = Some(Ran::Retry("Kade is stopping".into()));
             break;
         }
         // One item per instance, also for those without a context (`None`).
@@ -140,7 +120,7 @@ pub(crate) async fn run(gw: &Gateway, job: &Job, stop: watch::Receiver<bool>) ->
         };
         let Some(ds) = framed else {
             // The blob could not be read (or re-encoded): the store may be back later.
-            stopped = Some(transient(format!(
+            stopped = Some(Ran::Retry(format!(
                 "cannot read instance {} from the store",
                 i.sop_uid
             )));
@@ -153,7 +133,7 @@ pub(crate) async fn run(gw: &Gateway, job: &Job, stop: watch::Receiver<bool>) ->
             Ok(status) => match answer(status) {
                 Answer::Stored => sent.push(i.sop_uid.clone()),
                 Answer::Busy(s) => {
-                    stopped = Some(transient(format!(
+                    stopped = Some(Ran::Retry(format!(
                         "{} is out of resources (status {s:04X})",
                         job.destination
                     )));
@@ -164,7 +144,7 @@ pub(crate) async fn run(gw: &Gateway, job: &Job, stop: watch::Receiver<bool>) ->
                 }
             },
             Err(e) => {
-                stopped = Some(transient(format!(
+                stopped = Some(Ran::Retry(format!(
                     "{}: connection lost: {e}",
                     job.destination
                 )));
@@ -173,7 +153,7 @@ pub(crate) async fn run(gw: &Gateway, job: &Job, stop: watch::Receiver<bool>) ->
         }
         if sent.len() + refused.len() >= MARK_BATCH || marked.elapsed() >= MARK_EVERY {
             if let Err(e) = gw.index.mark_job_instances(job.id, &sent, &refused).await {
-                stopped = Some(transient(format!("cannot record progress: {e}")));
+                stopped = Some(Ran::Retry(format!("cannot record progress: {e}")));
                 break;
             }
             sent.clear();
@@ -182,11 +162,11 @@ pub(crate) async fn run(gw: &Gateway, job: &Job, stop: watch::Receiver<bool>) ->
             match gw.index.renew_job(job.id, &gw.owner, gw.opts.lease).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    stopped = Some(transient("cancelled or taken over".into()));
+                    stopped = Some(Ran::Retry("cancelled or taken over".into()));
                     break;
                 }
                 Err(e) => {
-                    stopped = Some(transient(format!("cannot renew the lease: {e}")));
+                    stopped = Some(Ran::Retry(format!("cannot renew the lease: {e}")));
                     break;
                 }
             }
@@ -205,31 +185,25 @@ pub(crate) async fn run(gw: &Gateway, job: &Job, stop: watch::Receiver<bool>) ->
         return ran;
     }
     if let Err(e) = mark {
-        return transient(format!("cannot record progress: {e}"));
+        return Ran::Retry(format!("cannot record progress: {e}"));
     }
     if let Some(e) = released {
         tracing::warn!(job = job.id, error = %e, "gateway: the release of the association failed");
     }
     let failed = match gw.index.failed_job_instances(job.id).await {
         Ok(f) => f,
-        Err(e) => return transient(format!("cannot read the job's refused instances: {e}")),
+        Err(e) => return Ran::Retry(format!("cannot read the job's refused instances: {e}")),
     };
     match failed.first() {
-        None => Ran {
-            attempt: Attempt::Done { result: None },
+        None => Ran::Done {
+            result: None,
             detail: format!("sent to {}", job.destination),
         },
-        Some((uid, why)) => permanent(format!(
+        Some((uid, why)) => Ran::Fail(format!(
             "{} refused {} instance(s), e.g. {uid}: {why}",
             job.destination,
             failed.len()
         )),
-    }
-}
-
-impl std::fmt::Debug for Ran {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ran").field("detail", &self.detail).finish()
     }
 }
 

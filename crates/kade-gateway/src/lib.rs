@@ -107,10 +107,27 @@ pub struct Gateway {
     wake: Arc<Notify>,
 }
 
-/// What an attempt's runner reports: its outcome and the audit detail.
-pub(crate) struct Ran {
-    pub attempt: Attempt,
-    pub detail: String,
+/// How a runner's attempt ended; the text goes to the job's `last_error` and the audit log.
+#[derive(Debug)]
+pub(crate) enum Ran {
+    /// Delivered; `result` is what the job produced (an exchange bundle id).
+    Done {
+        result: Option<String>,
+        detail: String,
+    },
+    /// Failed in a way that may pass: due again after the back-off.
+    Retry(String),
+    /// Failed for good: the dead-letter state.
+    Fail(String),
+}
+
+impl Ran {
+    fn detail(&self) -> &str {
+        match self {
+            Ran::Done { detail, .. } => detail,
+            Ran::Retry(why) | Ran::Fail(why) => why,
+        }
+    }
 }
 
 impl Gateway {
@@ -219,14 +236,19 @@ impl Gateway {
             JobKind::DimseStore => forward::run(self, &job, stop).await,
             JobKind::ExchangeSend => send::run(self, &job).await,
         };
-        let attempt = match ran.attempt {
-            Attempt::Transient { error, .. } => Attempt::Transient {
-                error,
+        let attempt = match &ran {
+            Ran::Done { result, .. } => Attempt::Done {
+                result: result.clone(),
+            },
+            Ran::Retry(error) => Attempt::Transient {
+                error: error.clone(),
                 retry_at: kade_index::gateway::unix_now()
                     + self.opts.backoff(job.attempts).as_secs() as i64,
                 give_up_after: self.opts.give_up_after.as_secs() as i64,
             },
-            other => other,
+            Ran::Fail(error) => Attempt::Permanent {
+                error: error.clone(),
+            },
         };
         let after = match self
             .index
@@ -264,7 +286,7 @@ impl Gateway {
             sent = after.sent,
             failed = after.failed,
             total = after.total,
-            detail = ran.detail,
+            detail = ran.detail(),
             "gateway: job attempt ended"
         );
         let kind = match job.kind {
@@ -279,7 +301,7 @@ impl Gateway {
                 job.kind.as_str(),
                 job.destination,
                 job.attempts,
-                ran.detail,
+                ran.detail(),
                 after.sent,
                 after.total,
                 after.failed

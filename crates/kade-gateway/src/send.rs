@@ -3,32 +3,17 @@
 //! the route's reason for referral and the job's requester as the responsible user.
 
 use kade_exchange::node::send::SendRequest;
-use kade_index::gateway::{Attempt, Job};
+use kade_index::gateway::Job;
 
 use crate::{Gateway, Ran};
 
 /// Runs one attempt of `job`.
 pub(crate) async fn run(gw: &Gateway, job: &Job) -> Ran {
-    let fail = |detail: String, for_good: bool| Ran {
-        attempt: if for_good {
-            Attempt::Permanent {
-                error: detail.clone(),
-            }
-        } else {
-            Attempt::Transient {
-                error: detail.clone(),
-                retry_at: 0,
-                give_up_after: 0,
-            }
-        },
-        detail,
-    };
     let Some(x) = &gw.exchange else {
-        return fail(
+        return Ran::Fail(
             "this node has not joined an exchange: run `kade exchange init` and `kade exchange \
              join`, then `kade jobs retry`"
                 .into(),
-            true,
         );
     };
     let req = SendRequest {
@@ -47,23 +32,17 @@ pub(crate) async fn run(gw: &Gateway, job: &Job) -> Ran {
     // What is wrong with the study itself (gone, no patient) does not pass by waiting.
     let prepared = match x.prepare(&req).await {
         Ok(p) => p,
-        Err(e) => return fail(format!("{e:#}"), true),
+        Err(e) => return Ran::Fail(format!("{e:#}")),
     };
     let instances = prepared.summary.instances;
     match x.send(&req, prepared, |_, _| {}).await {
         Ok(sent) => {
             // The bundle holds the study as it is now: every instance of the job is in it.
-            let pending: Vec<String> = match gw.index.pending_job_instances(job.id).await {
-                Ok(rows) => rows.into_iter().map(|r| r.sop_uid).collect(),
-                Err(_) => Vec::new(),
-            };
-            if let Err(e) = gw.index.mark_job_instances(job.id, &pending, &[]).await {
+            if let Err(e) = gw.index.mark_job_all_sent(job.id).await {
                 tracing::warn!(job = job.id, error = %e, "gateway: cannot mark the job's instances sent");
             }
-            Ran {
-                attempt: Attempt::Done {
-                    result: Some(sent.bundle_id.clone()),
-                },
+            Ran::Done {
+                result: Some(sent.bundle_id.clone()),
                 detail: format!(
                     "bundle {} of {instances} instance(s) sealed for {}",
                     sent.bundle_id, job.destination
@@ -71,6 +50,6 @@ pub(crate) async fn run(gw: &Gateway, job: &Job) -> Ran {
             }
         }
         // The mailbox unreachable, or the directory: may pass.
-        Err(e) => fail(format!("{e:#}"), false),
+        Err(e) => Ran::Retry(format!("{e:#}")),
     }
 }

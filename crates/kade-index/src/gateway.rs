@@ -263,6 +263,10 @@ pub struct Job {
     pub updated_at: i64,
 }
 
+/// The jobs a runner may claim at time `$1`: due, or running under a lease that has passed.
+const DUE: &str = "(state IN ('queued', 'collecting') AND next_at <= $1) \
+     OR (state = 'running' AND lease_until < $1)";
+
 const JOB_COLUMNS: &str = "id, kind, destination, route, study_uid, reason, requested_by, state, \
      attempts, next_at, total, sent, failed, last_error, result, created_at, updated_at";
 
@@ -343,7 +347,7 @@ pub fn unix_now() -> i64 {
         .unwrap_or_default()
 }
 
-fn opt_upper(s: Option<String>) -> Option<String> {
+fn non_empty(s: Option<String>) -> Option<String> {
     s.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
@@ -420,14 +424,14 @@ impl Index {
             let quiet: i64 = r.try_get(7)?;
             out.push(Route {
                 name: r.try_get(0)?,
-                called_ae: opt_upper(r.try_get(1)?),
-                calling_ae: opt_upper(r.try_get(2)?),
-                modality: opt_upper(r.try_get(3)?),
-                sop_class: opt_upper(r.try_get(4)?),
+                called_ae: non_empty(r.try_get(1)?),
+                calling_ae: non_empty(r.try_get(2)?),
+                modality: non_empty(r.try_get(3)?),
+                sop_class: non_empty(r.try_get(4)?),
                 destination,
                 quiet_secs: u32::try_from(quiet).unwrap_or(u32::MAX),
                 reason: r.try_get(8)?,
-                from_exchange: opt_upper(r.try_get(9)?),
+                from_exchange: non_empty(r.try_get(9)?),
             });
         }
         Ok(out)
@@ -495,9 +499,10 @@ impl Index {
         limit: i64,
         gaps: &mut HashMap<i64, Instant>,
     ) -> Result<usize, IndexError> {
-        let mut tx = self.begin_write().await?;
+        // Read on the read pool: an idle router takes no write lock. The cursor's move below is
+        // conditional, so a concurrent router makes this step a no-op, never a double.
         let cursor: i64 = sqlx::query("SELECT position FROM gateway_cursors WHERE name = 'router'")
-            .fetch_optional(&mut *tx)
+            .fetch_optional(self.read_pool())
             .await?
             .map(|r| r.try_get(0))
             .transpose()?
@@ -509,8 +514,9 @@ impl Index {
         )
         .bind(cursor)
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .fetch_all(self.read_pool())
         .await?;
+        gaps.retain(|id, _| *id > cursor);
         let mut arrivals = Vec::with_capacity(rows.len());
         let mut expected = cursor + 1;
         for r in &rows {
@@ -537,6 +543,7 @@ impl Index {
         let Some(last) = arrivals.last().map(|a| a.id) else {
             return Ok(0);
         };
+        let mut tx = self.begin_write().await?;
         let now = unix_now();
         let mut touched: Vec<i64> = Vec::new();
         for a in &arrivals {
@@ -599,10 +606,19 @@ impl Index {
         let sql = format!(
             "UPDATE jobs SET state = 'running', owner = $1, lease_until = $2, \
              attempts = attempts + 1, updated_at = $3 \
-             WHERE id = (SELECT id FROM jobs WHERE (state IN ('queued', 'collecting') \
-             AND next_at <= $3) OR (state = 'running' AND lease_until < $3) \
-             ORDER BY next_at, id LIMIT 1{skip_locked}) RETURNING {JOB_COLUMNS}"
+             WHERE id = (SELECT id FROM jobs WHERE {} \
+             ORDER BY next_at, id LIMIT 1{skip_locked}) RETURNING {JOB_COLUMNS}",
+            DUE.replace("$1", "$3")
         );
+        // Idle runners ask often: look on the read pool first, and take the write connection
+        // only when something is due.
+        let due = sqlx::query(&format!("SELECT id FROM jobs WHERE {DUE} LIMIT 1"))
+            .bind(now)
+            .fetch_optional(self.read_pool())
+            .await?;
+        if due.is_none() {
+            return Ok(None);
+        }
         let row = sqlx::query(&sql)
             .bind(owner)
             .bind(now + lease.as_secs() as i64)
@@ -668,36 +684,17 @@ impl Index {
         &self,
         id: i64,
     ) -> Result<Vec<crate::query::InstanceRow>, IndexError> {
-        let rows = sqlx::query(
-            "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.instance_number, \
-             i.pixel_rows, i.pixel_columns, i.number_of_frames, i.transfer_syntax_uid, \
-             i.blob_key, i.bits_allocated, p.patient_id FROM job_instances j \
-             JOIN instances i ON i.sop_uid = j.sop_uid \
-             JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = se.study_fk \
-             JOIN patients p ON p.id = st.patient_fk \
-             WHERE j.job_fk = $1 AND j.state = 'pending' ORDER BY i.id",
-        )
-        .bind(id)
-        .fetch_all(self.read_pool())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(crate::query::InstanceRow {
-                    study_uid: r.try_get(0)?,
-                    series_uid: r.try_get(1)?,
-                    sop_uid: r.try_get(2)?,
-                    sop_class_uid: r.try_get(3)?,
-                    number: r.try_get(4)?,
-                    rows: r.try_get(5)?,
-                    columns: r.try_get(6)?,
-                    frames: r.try_get(7)?,
-                    transfer_syntax_uid: r.try_get(8)?,
-                    blob_key: r.try_get(9)?,
-                    bits_allocated: r.try_get(10)?,
-                    patient_id: r.try_get(11)?,
-                })
-            })
-            .collect()
+        use crate::query::{INSTANCE_ROW_COLUMNS, INSTANCE_ROW_JOINS, instance_row};
+        let sql = format!(
+            "SELECT {INSTANCE_ROW_COLUMNS} FROM job_instances j \
+             JOIN instances i ON i.sop_uid = j.sop_uid {INSTANCE_ROW_JOINS} \
+             WHERE j.job_fk = $1 AND j.state = 'pending' ORDER BY i.id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(id)
+            .fetch_all(self.read_pool())
+            .await?;
+        Ok(rows.iter().map(instance_row).collect::<Result<_, _>>()?)
     }
 
     /// Marks instances of job `id` as delivered (`sent`) or refused for good (`failed`, with
@@ -741,6 +738,21 @@ impl Index {
             .await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks every instance of job `id` still pending as delivered (an exchange send: the
+    /// bundle holds the whole study).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn mark_job_all_sent(&self, id: i64) -> Result<(), IndexError> {
+        sqlx::query(
+            "UPDATE job_instances SET state = 'sent' WHERE job_fk = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .execute(&self.write)
+        .await?;
         Ok(())
     }
 

@@ -157,6 +157,17 @@ pub async fn route(cfg: &Config, cmd: RouteCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A job with the instances its destination refused, as `kade jobs show --json` and
+/// `GET /api/jobs/{id}` answer it.
+fn job_json(job: &Job, refused: &[(String, String)]) -> serde_json::Value {
+    let mut v = serde_json::to_value(job).unwrap_or_default();
+    v["refused"] = refused
+        .iter()
+        .map(|(uid, why)| serde_json::json!({"sop_uid": uid, "reason": why}))
+        .collect();
+    v
+}
+
 fn job_line(j: &Job) -> String {
     format!(
         "{:<6} {:<13} {:<10} {:<16} {:>5}/{:<5} {:<9} {}",
@@ -209,14 +220,10 @@ pub async fn jobs(cfg: &Config, cmd: JobsCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("no job {id}: see kade jobs list"))?;
             let refused = node.index.failed_job_instances(id).await?;
             if json {
-                let mut v = serde_json::to_value(&job)?;
-                v["refused"] = serde_json::json!(
-                    refused
-                        .iter()
-                        .map(|(uid, why)| serde_json::json!({"sop_uid": uid, "reason": why}))
-                        .collect::<Vec<_>>()
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&job_json(&job, &refused))?
                 );
-                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!(
                     "job {}: {} to {}",
@@ -408,16 +415,7 @@ async fn api_show(
         st.node.index.job(id).await,
         st.node.index.failed_job_instances(id).await,
     ) {
-        (Ok(Some(j)), Ok(refused)) => {
-            let mut v = serde_json::to_value(j).unwrap_or_default();
-            v["refused"] = serde_json::json!(
-                refused
-                    .iter()
-                    .map(|(uid, why)| serde_json::json!({"sop_uid": uid, "reason": why}))
-                    .collect::<Vec<_>>()
-            );
-            json(axum::http::StatusCode::OK, v)
-        }
+        (Ok(Some(j)), Ok(refused)) => json(axum::http::StatusCode::OK, job_json(&j, &refused)),
         (Ok(None), _) => json(
             axum::http::StatusCode::NOT_FOUND,
             serde_json::json!({"error": format!("no job {id}")}),

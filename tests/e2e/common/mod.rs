@@ -510,12 +510,17 @@ pub struct StoreScp {
 impl StoreScp {
     /// Starts `storescp` as `aet` with extra `options` and waits until it accepts connections.
     pub fn start(storescp: &Path, aet: &str, options: &[&str]) -> StoreScp {
-        let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        Self::start_on(storescp, aet, port, options)
+    }
+
+    /// As [`StoreScp::start`], on `port` (e.g. a destination coming back on its port).
+    pub fn start_on(storescp: &Path, aet: &str, port: u16, options: &[&str]) -> StoreScp {
+        let dir = tempfile::tempdir().unwrap();
         let child = Command::new(storescp)
             .args(options)
             .args(["-aet", aet, "-od"])

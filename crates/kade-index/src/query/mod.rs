@@ -164,6 +164,33 @@ pub struct InstanceRow {
     pub patient_id: String,
 }
 
+/// The columns of an [`InstanceRow`], in the order [`instance_row`] reads them, from
+/// `instances i` joined as [`INSTANCE_ROW_JOINS`].
+pub(crate) const INSTANCE_ROW_COLUMNS: &str = "st.study_uid, se.series_uid, i.sop_uid, \
+     i.sop_class_uid, i.instance_number, i.pixel_rows, i.pixel_columns, i.number_of_frames, \
+     i.transfer_syntax_uid, i.blob_key, i.bits_allocated, p.patient_id";
+/// The joins from `instances i` that [`INSTANCE_ROW_COLUMNS`] needs.
+pub(crate) const INSTANCE_ROW_JOINS: &str = "JOIN series se ON se.id = i.series_fk \
+     JOIN studies st ON st.id = se.study_fk JOIN patients p ON p.id = st.patient_fk";
+
+/// An [`InstanceRow`] from a row selecting [`INSTANCE_ROW_COLUMNS`] first.
+pub(crate) fn instance_row(r: &sqlx::any::AnyRow) -> Result<InstanceRow, sqlx::Error> {
+    Ok(InstanceRow {
+        study_uid: r.try_get(0)?,
+        series_uid: r.try_get(1)?,
+        sop_uid: r.try_get(2)?,
+        sop_class_uid: r.try_get(3)?,
+        number: r.try_get(4)?,
+        rows: r.try_get(5)?,
+        columns: r.try_get(6)?,
+        frames: r.try_get(7)?,
+        transfer_syntax_uid: r.try_get(8)?,
+        blob_key: r.try_get(9)?,
+        bits_allocated: r.try_get(10)?,
+        patient_id: r.try_get(11)?,
+    })
+}
+
 /// A query value that cannot be used, or a key this level does not match on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid value {value:?} for {key}: {why}")]
@@ -523,12 +550,7 @@ impl Index {
             Err(e) => return Ok(Err(e)),
         };
         let text = finish_sql(
-            "SELECT st.study_uid, se.series_uid, i.sop_uid, i.sop_class_uid, i.instance_number, \
-             i.pixel_rows, i.pixel_columns, i.number_of_frames, i.transfer_syntax_uid, i.blob_key, \
-             i.bits_allocated, p.patient_id FROM instances i \
-             JOIN series se ON se.id = i.series_fk JOIN studies st ON st.id = se.study_fk \
-             JOIN patients p ON p.id = st.patient_fk"
-                .into(),
+            format!("SELECT {INSTANCE_ROW_COLUMNS} FROM instances i {INSTANCE_ROW_JOINS}"),
             &sql,
             "i.instance_number, i.sop_uid",
             q.limit,
@@ -537,22 +559,7 @@ impl Index {
         let rows = self.fetch(&text, &sql).await?;
         let out = rows
             .iter()
-            .map(|r| {
-                Ok(InstanceRow {
-                    study_uid: r.try_get(0)?,
-                    series_uid: r.try_get(1)?,
-                    sop_uid: r.try_get(2)?,
-                    sop_class_uid: r.try_get(3)?,
-                    number: r.try_get(4)?,
-                    rows: r.try_get(5)?,
-                    columns: r.try_get(6)?,
-                    frames: r.try_get(7)?,
-                    transfer_syntax_uid: r.try_get(8)?,
-                    blob_key: r.try_get(9)?,
-                    bits_allocated: r.try_get(10)?,
-                    patient_id: r.try_get(11)?,
-                })
-            })
+            .map(instance_row)
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         Ok(Ok(out))
     }
